@@ -1,0 +1,273 @@
+"""Masks attached to ordinary ``nn.Conv2d`` / ``nn.Linear`` layers.
+
+A mask is a ``torch.nn.utils.parametrize`` parametrisation of the layer's ``weight``: the module
+keeps its class and its ``weight`` attribute, the dense tensor lives on as
+``parametrizations.weight.original``, and :func:`advprune.sparsity.export_dense` folds the mask
+in and removes the parametrisation again.
+
+Masks are stored *compactly*: one entry per weight (``unstructured``), per output channel
+(``filters``) or per input channel (``channels``), and broadcast onto the weight.
+
+Two mask sources ship here, each registered under a ``kind`` so that checkpoints can rebuild them:
+
+- :class:`FixedMask` (``"fixed"``): a 0/1 buffer.
+- :class:`ScoreMask` (``"scores"``): learnable scores; the mask keeps the ``round(density * n)``
+  units with the largest ``|score|`` and passes the gradient straight through to the scores
+  (the HYDRA estimator).
+
+Methods add their own kinds with :func:`register_mask_kind`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from advprune.errors import ConfigError, UnknownNameError
+
+GRANULARITIES = ("unstructured", "filters", "channels")
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+
+_MASK_KINDS: dict[str, type[MaskBase]] = {}
+
+
+def check_granularity(granularity: str) -> str:
+    """Return ``granularity`` if valid, else raise :class:`UnknownNameError`."""
+    if granularity not in GRANULARITIES:
+        raise UnknownNameError("granularity", granularity, GRANULARITIES)
+    return granularity
+
+
+def compact_shape(weight_shape: torch.Size | tuple[int, ...], granularity: str) -> tuple[int, ...]:
+    """Shape of the compact mask for a weight of ``weight_shape``."""
+    check_granularity(granularity)
+    if granularity == "unstructured":
+        return tuple(weight_shape)
+    if granularity == "filters":
+        return (weight_shape[0],)
+    return (weight_shape[1],)
+
+
+def expand_mask(mask: torch.Tensor, weight_shape: torch.Size, granularity: str) -> torch.Tensor:
+    """Broadcast a compact mask to ``weight_shape`` (a view where possible)."""
+    if granularity == "unstructured":
+        return mask
+    ones = [1] * (len(weight_shape) - 1)
+    if granularity == "filters":
+        return mask.view(-1, *ones)
+    return mask.view(1, -1, *ones[1:])
+
+
+def unit_size(weight_shape: torch.Size | tuple[int, ...], granularity: str) -> int:
+    """Number of weights one compact mask entry controls."""
+    n = math.prod(weight_shape)
+    return n // math.prod(compact_shape(weight_shape, granularity))
+
+
+def kept_count(n: int, density: float) -> int:
+    """Units kept at ``density``: ``round(density * n)``, at least one (no layer is cut off)."""
+    return min(n, max(1, round(density * n)))
+
+
+def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
+    """0/1 mask (dtype of ``scores``) keeping the ``kept_count`` largest entries exactly.
+
+    Uses ``topk`` on indices rather than a threshold, so ties never change the count.
+    """
+    flat = scores.detach().flatten()
+    k = kept_count(flat.numel(), density)
+    mask = torch.zeros_like(flat)
+    mask[torch.topk(flat, k, sorted=False).indices] = 1
+    return mask.view_as(scores)
+
+
+class _TopKStraightThrough(torch.autograd.Function):
+    """Forward: top-k 0/1 mask of the scores. Backward: identity (straight-through)."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor, density: float) -> torch.Tensor:
+        return topk_mask(scores, density)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def straight_through_topk(scores: torch.Tensor, density: float) -> torch.Tensor:
+    """Top-k mask of ``scores`` whose gradient passes straight through to ``scores``."""
+    return _TopKStraightThrough.apply(scores, density)
+
+
+class MaskBase(nn.Module):
+    """A parametrisation ``weight -> weight * mask``; subclasses say where the mask comes from.
+
+    Subclasses set ``kind``, implement :meth:`compact_mask`, and can rebuild themselves from
+    :meth:`spec` through :meth:`from_spec` (their tensors then come from the state dict).
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, weight_shape: torch.Size | tuple[int, ...], granularity: str) -> None:
+        super().__init__()
+        self.weight_shape = torch.Size(weight_shape)
+        self.granularity = check_granularity(granularity)
+
+    def compact_mask(self) -> torch.Tensor:  # pragma: no cover - abstract
+        """The 0/1 mask in compact shape (gradient-carrying where the source learns)."""
+        raise NotImplementedError
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        mask = self.compact_mask().to(weight.dtype)
+        return weight * expand_mask(mask, weight.shape, self.granularity)
+
+    def full_mask(self) -> torch.Tensor:
+        """The detached 0/1 mask broadcast to the weight's shape."""
+        with torch.no_grad():
+            mask = self.compact_mask().detach()
+            return expand_mask(mask, self.weight_shape, self.granularity).expand(self.weight_shape)
+
+    def density(self) -> float:
+        """Measured kept fraction of the layer's weights."""
+        return float(self.compact_mask().detach().float().mean())
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description from which :meth:`from_spec` rebuilds an empty instance."""
+        return {"kind": self.kind, "granularity": self.granularity}
+
+    @classmethod
+    def from_spec(cls, weight: torch.Tensor, spec: dict[str, Any]) -> MaskBase:
+        """Rebuild from :meth:`spec`; tensors are filled afterwards by ``load_state_dict``."""
+        return cls(weight.shape, spec["granularity"])
+
+
+def register_mask_kind(cls: type[MaskBase]) -> type[MaskBase]:
+    """Class decorator registering a mask kind so checkpoints can rebuild it."""
+    if not cls.kind:
+        raise ValueError(f"{cls.__name__} must set a non-empty `kind`")
+    if cls.kind in _MASK_KINDS and _MASK_KINDS[cls.kind] is not cls:
+        raise ValueError(f"mask kind {cls.kind!r} is already registered")
+    _MASK_KINDS[cls.kind] = cls
+    return cls
+
+
+def mask_kind(kind: str) -> type[MaskBase]:
+    """Look up a registered mask kind."""
+    if kind not in _MASK_KINDS:
+        raise UnknownNameError("mask kind", kind, list(_MASK_KINDS))
+    return _MASK_KINDS[kind]
+
+
+@register_mask_kind
+class FixedMask(MaskBase):
+    """A fixed 0/1 mask held in the buffer ``mask`` (compact shape)."""
+
+    kind: ClassVar[str] = "fixed"
+
+    def __init__(
+        self,
+        weight_shape: torch.Size | tuple[int, ...],
+        granularity: str = "unstructured",
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(weight_shape, granularity)
+        shape = compact_shape(self.weight_shape, granularity)
+        if mask is None:
+            mask = torch.ones(shape)
+        if tuple(mask.shape) != shape:
+            raise ConfigError(
+                f"mask of shape {tuple(mask.shape)} does not fit a {granularity} mask of a "
+                f"weight {tuple(self.weight_shape)} (expected {shape})"
+            )
+        self.register_buffer("mask", (mask != 0).float())
+
+    def compact_mask(self) -> torch.Tensor:
+        return self.mask
+
+
+@register_mask_kind
+class ScoreMask(MaskBase):
+    """Top-k of learnable scores with a straight-through gradient (HYDRA's estimator).
+
+    ``scores`` has the compact shape; the mask keeps the ``round(density * n)`` units with the
+    largest ``|scores|``. ``density`` is the kept fraction of this layer (a buffer, so methods
+    such as HARP can replace it by a function of learnable rates in a subclass).
+    """
+
+    kind: ClassVar[str] = "scores"
+
+    def __init__(
+        self,
+        weight_shape: torch.Size | tuple[int, ...],
+        granularity: str = "unstructured",
+        density: float = 1.0,
+        scores: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(weight_shape, granularity)
+        shape = compact_shape(self.weight_shape, granularity)
+        if scores is None:
+            scores = torch.empty(shape).uniform_(-1.0, 1.0)
+        if tuple(scores.shape) != shape:
+            raise ConfigError(f"scores of shape {tuple(scores.shape)}; expected {shape}")
+        self.scores = nn.Parameter(scores.detach().clone().float())
+        self.register_buffer("target_density", torch.tensor(float(density)))
+
+    def compact_mask(self) -> torch.Tensor:
+        return straight_through_topk(self.scores.abs(), float(self.target_density))
+
+
+def is_masked(module: nn.Module) -> bool:
+    """Whether ``module.weight`` carries an advprune mask."""
+    return parametrize.is_parametrized(module, "weight") and any(
+        isinstance(p, MaskBase) for p in module.parametrizations["weight"]
+    )
+
+
+def get_mask(module: nn.Module) -> MaskBase | None:
+    """The module's advprune mask parametrisation, or None."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    for p in module.parametrizations["weight"]:
+        if isinstance(p, MaskBase):
+            return p
+    return None
+
+
+def attach_mask(module: nn.Module, mask: MaskBase) -> MaskBase:
+    """Attach ``mask`` to ``module.weight``, replacing an existing advprune mask.
+
+    The dense weight is kept (as ``parametrizations.weight.original``), so replacing a mask
+    never loses the weights the previous mask hid.
+    """
+    if not isinstance(module, PRUNABLE_TYPES):
+        raise ConfigError(f"cannot mask a {type(module).__name__}; only Conv2d and Linear")
+    if tuple(mask.weight_shape) != tuple(module.weight.shape):
+        raise ConfigError(
+            f"mask for a weight {tuple(mask.weight_shape)} does not fit "
+            f"{tuple(module.weight.shape)}"
+        )
+    if is_masked(module):
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    mask = mask.to(module.weight.device)
+    parametrize.register_parametrization(module, "weight", mask)
+    return mask
+
+
+def masked_modules(model: nn.Module) -> dict[str, tuple[nn.Module, MaskBase]]:
+    """``{name: (module, mask)}`` for every masked layer, in module order."""
+    out = {}
+    for name, module in model.named_modules():
+        mask = get_mask(module)
+        if mask is not None:
+            out[name] = (module, mask)
+    return out
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's dense (unmasked) weight tensor."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations["weight"].original
+    return module.weight
