@@ -1,0 +1,37 @@
+"""Datasets, loaders, augmentation and verified downloads.
+
+>>> splits = load_dataset("digits", val_fraction=0.1)
+>>> loader = make_loader(splits.train, batch_size=64, shuffle=True, seed=0)
+"""
+
+from __future__ import annotations
+
+from advprune.data.augment import RandomCropFlip
+from advprune.data.datasets import (
+    DatasetInfo,
+    DataSplits,
+    ImageFolderDataset,
+    TensorImageDataset,
+    default_data_root,
+    list_datasets,
+    load_dataset,
+    make_loader,
+    stratified_split,
+)
+from advprune.data.download import SOURCES, Source, download_and_extract
+
+__all__ = [
+    "SOURCES",
+    "DataSplits",
+    "DatasetInfo",
+    "ImageFolderDataset",
+    "RandomCropFlip",
+    "Source",
+    "TensorImageDataset",
+    "default_data_root",
+    "download_and_extract",
+    "list_datasets",
+    "load_dataset",
+    "make_loader",
+    "stratified_split",
+]
