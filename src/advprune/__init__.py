@@ -1,0 +1,16 @@
+"""advprune: adversarial pruning toolkit and benchmark.
+
+Prune a model with a chosen method, train it with a chosen (adversarial) objective, evaluate it
+with one exact protocol, and record the result. Subpackages: ``models``, ``data``,
+``sparsity``, ``attacks``, ``training``, ``methods``, ``evaluation``; checkpoints in
+``advprune.checkpoint``; the command line in ``advprune.cli``.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("advprune")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,293 @@
+"""The ``advprune`` command line.
+
+Commands: ``train`` (dense, adversarial or natural), ``prune`` (apply a method to a
+checkpoint), ``finetune`` (train a pruned checkpoint), ``eval`` (clean and PGD accuracy),
+``info`` (checkpoint card and measured sparsity), ``methods``, ``quickstart``.
+
+Settings come from ``--config FILE.yaml`` and are overridden by the flags given explicitly;
+fractions such as ``--eps 8/255`` are exact. Bad input prints one ``error:`` line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from advprune.errors import AdvpruneError
+
+EXIT_USAGE = 2
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_common(p: argparse.ArgumentParser, *, training: bool) -> None:
+    """Flags shared by the run commands; every default is None (= not set by the user)."""
+    p.add_argument("--config", type=Path, help="YAML file of settings (flags override it)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="digits (default), cifar10, cifar100, svhn, imagefolder")
+    g.add_argument("--data-root", dest="data_root", help="folder holding the dataset files")
+    g.add_argument("--download", type=_bool, nargs="?", const=True, help="fetch official files")
+    g.add_argument("--batch-size", dest="batch_size", type=int)
+    g.add_argument("--val-fraction", dest="val_fraction", type=float)
+    g.add_argument("--n", type=int, help="evaluate on the first N test samples only")
+    g = p.add_argument_group("threat model")
+    g.add_argument("--eps", help="attack radius in input units, e.g. 8/255 (default per dataset)")
+    g.add_argument("--norm", help="linf (default) or l2")
+    g.add_argument("--eval-steps", dest="eval_steps", type=int, help="PGD steps for evaluation")
+    if training:
+        g.add_argument("--objective", help="natural, pgd (default), trades, mart, fast")
+        g.add_argument("--step-size", dest="step_size", help="attack step, e.g. 2/255")
+        g.add_argument("--attack-steps", dest="attack_steps", type=int)
+        g.add_argument("--beta", type=float, help="TRADES / MART beta")
+        g.add_argument("--attack-mode", dest="attack_mode", help="eval (default), train, keep")
+        g = p.add_argument_group("optimisation")
+        g.add_argument("--epochs", type=int)
+        g.add_argument("--lr", type=float)
+        g.add_argument("--momentum", type=float)
+        g.add_argument("--weight-decay", dest="weight_decay", type=float)
+        g.add_argument("--schedule", help="cosine (default), step, constant")
+        g.add_argument("--warmup-epochs", dest="warmup_epochs", type=float)
+        g.add_argument("--augment", type=_bool, nargs="?", const=True)
+        g.add_argument("--amp", type=_bool, nargs="?", const=True)
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    g.add_argument("--out", help="output folder")
+    g.add_argument("--no-progress", dest="progress", action="store_const", const=False)
+
+
+def _add_prune(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pruning")
+    g.add_argument("--method", help="pruning method (see `advprune methods`)")
+    g.add_argument("--sparsity", help="removed fraction in [0, 1), e.g. 0.99")
+    g.add_argument("--structure", help="unstructured (default), filters, channels")
+    g.add_argument("--scope", help="local (default) or global")
+    g.add_argument("--keep-first", dest="keep_first", type=_bool, nargs="?", const=True)
+    g.add_argument("--keep-last", dest="keep_last", type=_bool, nargs="?", const=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``advprune``."""
+    from advprune import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="advprune",
+        description="Adversarial pruning: prune, train robustly, evaluate exactly.",
+    )
+    parser.add_argument("--version", action="version", version=f"advprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a dense model (pretrain stage)")
+    p.add_argument("--model", help="architecture (see advprune.models.list_models)")
+    p.add_argument("--checkpoint", help="start from this checkpoint instead of a fresh model")
+    _add_common(p, training=True)
+
+    p = sub.add_parser("prune", help="prune a checkpoint with a method (no training)")
+    p.add_argument("--checkpoint", help="dense checkpoint to prune (required)")
+    _add_prune(p)
+    _add_common(p, training=False)
+
+    p = sub.add_parser("finetune", help="train a pruned checkpoint (its method's finetune stage)")
+    p.add_argument("--checkpoint", help="pruned checkpoint (required)")
+    _add_common(p, training=True)
+
+    p = sub.add_parser("eval", help="clean and PGD robust accuracy of a checkpoint")
+    p.add_argument("--checkpoint", help="checkpoint to evaluate (required)")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
+    _add_common(p, training=False)
+
+    p = sub.add_parser("info", help="show a checkpoint's card and measured sparsity")
+    p.add_argument("path", help="checkpoint (.safetensors or .json)")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
+
+    sub.add_parser("methods", help="list pruning methods and their taxonomy entries")
+
+    p = sub.add_parser("quickstart", help="the embedded digits demo (< 3 minutes on a CPU)")
+    p.add_argument("--out", default="quickstart_out", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return parser
+
+
+_NOT_CONFIG = {"command", "config", "as_json", "path"}
+
+
+def _run_config(args: argparse.Namespace, base: dict[str, Any] | None = None):
+    from advprune.config import load_config
+
+    overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG and v is not None}
+    return load_config(args.config, overrides, base=base)
+
+
+def _require_checkpoint(cfg: Any, command: str) -> None:
+    if not cfg.checkpoint:
+        raise AdvpruneError(
+            f"`advprune {command}` needs --checkpoint PATH (or `checkpoint:` in the YAML)"
+        )
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from advprune import workflow as wf
+
+    cfg = _run_config(args)
+    data = wf.prepare_data(cfg)
+    model, card = wf.build_model(cfg, data)
+    if card and card.get("masks"):
+        raise AdvpruneError(f"{cfg.checkpoint} is pruned; use `advprune finetune` for it")
+    out = Path(cfg.out)
+    model, card = wf.train_stage(cfg, data, model, out=out)
+    metrics = wf.evaluate(cfg, data, model)
+    _print_summary("train", out / wf.MODEL_FILE, metrics)
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from advprune import workflow as wf
+
+    cfg = _run_config(args)
+    _require_checkpoint(cfg, "prune")
+    data = wf.prepare_data(cfg)
+    model, card = wf.build_model(cfg, data)
+    if card and card.get("masks"):
+        raise AdvpruneError(f"{cfg.checkpoint} is already pruned; prune its dense parent")
+    out = Path(cfg.out)
+    pruned, _ = wf.prune_stage(cfg, data, model, out=out)
+    from advprune.sparsity import sparsity_report
+
+    report = sparsity_report(pruned, tuple(data.splits.info.input_shape))
+    print(report.format())
+    print(f"saved {out / wf.MODEL_FILE}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from advprune import workflow as wf
+
+    cfg = _run_config(args)
+    _require_checkpoint(cfg, "finetune")
+    data = wf.prepare_data(cfg)
+    model, card = wf.build_model(cfg, data)
+    out = Path(cfg.out)
+    model, _ = wf.finetune_stage(cfg, data, model, card or {}, out=out)
+    metrics = wf.evaluate(cfg, data, model)
+    _print_summary("finetune", out / wf.MODEL_FILE, metrics)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from advprune import workflow as wf
+
+    cfg = _run_config(args)
+    _require_checkpoint(cfg, "eval")
+    data = wf.prepare_data(cfg)
+    model, _ = wf.build_model(cfg, data)
+    metrics = wf.evaluate(cfg, data, model)
+    metrics["checkpoint"] = cfg.checkpoint
+    if args.as_json:
+        _print_json(metrics)
+    else:
+        _print_summary("eval", Path(cfg.checkpoint), metrics)
+    return 0
+
+
+def _print_summary(stage: str, path: Path, m: dict[str, Any]) -> None:
+    print(
+        f"{stage}: clean {100 * m['clean_accuracy']:.2f}%  robust {100 * m['robust_accuracy']:.2f}%"
+        f"  ({m['attack']}, eps {m['eps']}, n={m['n']})  sparsity {m['measured_sparsity']:.4f}"
+        f"  -> {path}"
+    )
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from advprune.checkpoint import load_checkpoint
+    from advprune.sparsity import sparsity_report
+
+    model, card = load_checkpoint(args.path)
+    report = sparsity_report(model, tuple(card["input_shape"]))
+    if args.as_json:
+        _print_json({"card": card, "sparsity_report": report.to_dict()})
+        return 0
+    arch = card["architecture"]
+    print(f"checkpoint   {args.path}")
+    shape = card["input_shape"]
+    print(f"architecture {arch['name']} ({arch['num_classes']} classes, input {shape})")
+    print(f"normalize    mean {card['normalization']['mean']} std {card['normalization']['std']}")
+    for key in ("dataset", "method", "objective"):
+        value = card.get(key)
+        if isinstance(value, dict):
+            value = value.get("name")
+        print(f"{key:<12} {value}")
+    print(f"eps          {card.get('eps')} ({card.get('norm')})")
+    print(f"advprune     {card.get('advprune_version')}  sha256 {card['tensors']['sha256'][:16]}")
+    print(report.format())
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from advprune.methods import list_methods, method_class
+
+    for name in list_methods():
+        cls = method_class(name)
+        t = cls.taxonomy
+        print(
+            f"{name:<8} pipeline={t.pipeline} schedule={t.schedule} "
+            f"structures={','.join(t.structures)} scopes={','.join(t.scopes)} "
+            f"criterion={t.criterion!r} stages={'->'.join(cls.stages)}"
+        )
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from advprune.quickstart import format_table, run_quickstart
+
+    t0 = time.perf_counter()
+    rows = run_quickstart(args.out, seed=args.seed, progress=args.progress, device=args.device)
+    print(format_table(rows))
+    print(f"wrote {Path(args.out) / 'results.json'} in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "prune": cmd_prune,
+    "finetune": cmd_finetune,
+    "eval": cmd_eval,
+    "info": cmd_info,
+    "methods": cmd_methods,
+    "quickstart": cmd_quickstart,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``advprune``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except AdvpruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume from the last epoch", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Run configuration: YAML files with explicit command-line overrides.
+
+Precedence is ``defaults < YAML file < command-line flags the user actually gave``. Values the
+user set are never changed: a value that cannot be used is an error, not a silent fix. Keys not
+known to :class:`RunConfig` are errors (typos do not pass silently). eps and step sizes accept
+exact fractions such as ``8/255``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from advprune._validation import check_eps, check_norm, check_sparsity, parse_number
+from advprune.errors import ConfigError
+
+# Default attack radius per dataset (L∞, input units). Digits are 8x8 images whose pixels take
+# the 17 values k/16: eps = 1/8 allows a change of two grey levels per pixel, small next to the
+# strokes (value 1) yet enough to fool an undefended model (see README, "Why eps = 1/8").
+DEFAULT_EPS = {"digits": "1/8", "cifar10": "8/255", "cifar100": "8/255", "svhn": "8/255"}
+FALLBACK_EPS = "8/255"
+
+
+class RunConfig(BaseModel):
+    """Every setting of a train / prune / finetune / eval run.
+
+    eps-like fields keep the user's text (``"8/255"``) for the record; use :meth:`eps_value`
+    and :meth:`step_size_value` for the numbers.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # data
+    dataset: str = "digits"
+    data_root: str | None = None
+    download: bool = False
+    val_fraction: float = 0.1
+    batch_size: int = 128
+    augment: bool | None = None  # None: random crop + flip for 32x32 and larger, off for digits
+    # model
+    model: str = "digits_cnn"
+    checkpoint: str | None = None
+    # objective and its attack
+    objective: str = "pgd"
+    eps: str | None = None  # None: the dataset's default (DEFAULT_EPS)
+    norm: str = "linf"
+    step_size: str | None = None  # None: 2.5 * eps / steps
+    attack_steps: int = 10
+    beta: float = 6.0
+    attack_mode: str = "eval"
+    # optimisation
+    epochs: int = 10
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    amp: bool = False
+    seed: int = 0
+    # pruning
+    method: str = "lwm"
+    sparsity: float = 0.9
+    structure: str = "unstructured"
+    scope: str = "local"
+    keep_first: bool = False
+    keep_last: bool = False
+    # evaluation
+    eval_steps: int = 20
+    n: int | None = None
+    # run
+    out: str = "runs/advprune"
+    device: str = "auto"
+    progress: bool = True
+
+    @field_validator("eps", "step_size", mode="before")
+    @classmethod
+    def _fraction_text(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        parse_number(value)  # raises ConfigError on garbage
+        return str(value).strip()
+
+    @field_validator("norm")
+    @classmethod
+    def _norm(cls, value: str) -> str:
+        return check_norm(value)
+
+    @field_validator("sparsity", mode="before")
+    @classmethod
+    def _sparsity(cls, value: Any) -> float:
+        return check_sparsity(value)
+
+    @field_validator("val_fraction")
+    @classmethod
+    def _val_fraction(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"val_fraction={value} must be in [0, 1)")
+        return value
+
+    @field_validator("batch_size", "attack_steps", "eval_steps")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ConfigError(f"must be >= 1, got {value}")
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _n(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ConfigError(f"n must be >= 1, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_eps(self) -> RunConfig:
+        check_eps(self.eps_text(), self.norm)
+        if self.step_size is not None:
+            step = parse_number(self.step_size, "step_size")
+            if step <= 0:
+                raise ConfigError(f"step_size must be > 0, got {self.step_size}")
+        return self
+
+    def eps_text(self) -> str:
+        """eps as written (or the dataset default), e.g. ``"8/255"``."""
+        return self.eps if self.eps is not None else DEFAULT_EPS.get(self.dataset, FALLBACK_EPS)
+
+    def eps_value(self) -> float:
+        """eps as a number in input units."""
+        return check_eps(self.eps_text(), self.norm)
+
+    def step_size_value(self, steps: int | None = None) -> float:
+        """Attack step: as set, or ``2.5 * eps / steps`` (Madry et al.)."""
+        if self.step_size is not None:
+            return parse_number(self.step_size, "step_size")
+        return 2.5 * self.eps_value() / (steps or self.attack_steps)
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ())) or "config"
+        msg = err.get("msg", "invalid")
+        msg = msg.removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":
+            msg = f"unknown key; valid keys: {', '.join(RunConfig.model_fields)}"
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping (fractions such as ``8/255`` stay strings)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings, not {type(data).__name__}")
+    return data
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None,
+) -> RunConfig:
+    """``base`` (command defaults) < YAML file at ``path`` < explicit ``overrides``.
+
+    ``overrides`` should hold only values the user gave (``None`` entries are dropped).
+    """
+    values: dict[str, Any] = dict(base or {})
+    if path is not None:
+        values.update(read_yaml(path))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return RunConfig(**values)
+    except ValidationError as exc:
+        source = f"{path}: " if path is not None else ""
+        raise ConfigError(source + _format_validation_error(exc)) from None

@@ -1,0 +1,159 @@
+"""Pruning methods as plug-ins.
+
+A method declares its place in the Adversarial Pruning Benchmark's taxonomy, its stages, and
+for each stage which parameter kinds train (``weights``, ``scores``, ``rates``, ``bn``); it
+implements :meth:`Method.prune`, which attaches masks to the chosen layers. Training itself is
+always the one :class:`advprune.training.Trainer`; a method never forks the loop.
+
+Register a method with ``@register_method`` and build one with ``create_method(name, ...)``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from advprune._validation import check_sparsity
+from advprune.errors import ConfigError, UnknownNameError
+from advprune.sparsity import GRANULARITIES, SCOPES
+
+PIPELINES = ("after", "before", "during")  # APB: A (post-training), B (at init), D (in training)
+SCHEDULES = ("one-shot", "iterative")
+
+
+@dataclass(frozen=True)
+class Taxonomy:
+    """A method's entry in the Adversarial Pruning Benchmark taxonomy (APB, arXiv 2409.01249).
+
+    ``pipeline``: when pruning happens relative to training (after / before / during);
+    ``schedule``: one-shot or iterative; ``structures``: granularities supported;
+    ``scopes``: local (per layer) and / or global ranking; ``criterion``: what ranks units.
+    """
+
+    pipeline: str
+    schedule: str
+    structures: tuple[str, ...]
+    scopes: tuple[str, ...]
+    criterion: str
+    reference: str = ""
+
+    def __post_init__(self) -> None:
+        assert self.pipeline in PIPELINES, self.pipeline
+        assert self.schedule in SCHEDULES, self.schedule
+        assert set(self.structures) <= set(GRANULARITIES), self.structures
+        assert set(self.scopes) <= set(SCOPES), self.scopes
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Method(ABC):
+    """Base class of pruning methods.
+
+    Subclasses set ``name``, ``taxonomy``, ``stages`` (ordered; ``"prune"`` is where
+    :meth:`prune` runs) and ``trains`` (stage -> parameter kinds trained in that stage; a
+    stage absent from ``trains`` has no training), and implement :meth:`prune`.
+    """
+
+    name: ClassVar[str]
+    taxonomy: ClassVar[Taxonomy]
+    stages: ClassVar[tuple[str, ...]]
+    trains: ClassVar[Mapping[str, tuple[str, ...]]]
+    options: ClassVar[Mapping[str, Any]] = {}
+
+    def __init__(
+        self,
+        sparsity: float | str,
+        structure: str = "unstructured",
+        scope: str = "local",
+        *,
+        keep_first: bool = False,
+        keep_last: bool = False,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        **options: Any,
+    ) -> None:
+        self.sparsity = check_sparsity(sparsity)
+        if structure not in self.taxonomy.structures:
+            raise ConfigError(
+                f"method {self.name!r} does not support structure {structure!r}; "
+                f"it supports: {', '.join(self.taxonomy.structures)}"
+            )
+        if scope not in self.taxonomy.scopes:
+            raise ConfigError(
+                f"method {self.name!r} does not support scope {scope!r}; "
+                f"it supports: {', '.join(self.taxonomy.scopes)}"
+            )
+        unknown = set(options) - set(self.options)
+        if unknown:
+            valid = ", ".join(sorted(self.options)) or "none"
+            raise ConfigError(
+                f"unknown option(s) {', '.join(sorted(unknown))} for method {self.name!r}; "
+                f"valid options: {valid}"
+            )
+        self.structure, self.scope = structure, scope
+        self.layer_selection = {
+            "keep_first": keep_first,
+            "keep_last": keep_last,
+            "include": list(include or []),
+            "exclude": list(exclude or []),
+        }
+        self.opts = {**self.options, **options}
+
+    def layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The layers this method prunes in ``model``."""
+        from advprune.sparsity import prunable_layers
+
+        return prunable_layers(model, **self.layer_selection)
+
+    @abstractmethod
+    def prune(self, model: nn.Module) -> dict[str, float]:
+        """Attach this method's masks to ``model``; return the per-layer target densities."""
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able record of the method and its options (for checkpoint cards)."""
+        return {
+            "name": self.name,
+            "sparsity": self.sparsity,
+            "structure": self.structure,
+            "scope": self.scope,
+            **self.layer_selection,
+            "options": dict(self.opts),
+            "taxonomy": self.taxonomy.to_dict(),
+        }
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator registering a method under ``cls.name``."""
+    if cls.name in _METHODS and _METHODS[cls.name] is not cls:
+        raise ValueError(f"method {cls.name!r} is already registered")
+    for stage in cls.trains:
+        if stage not in cls.stages:
+            raise ValueError(f"{cls.__name__}.trains names unknown stage {stage!r}")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def list_methods(pattern: str = "*") -> list[str]:
+    """Registered method names matching an fnmatch ``pattern``."""
+    return sorted(n for n in _METHODS if fnmatch.fnmatchcase(n, pattern))
+
+
+def method_class(name: str) -> type[Method]:
+    """The class registered as ``name``."""
+    if name not in _METHODS:
+        raise UnknownNameError("method", name, list(_METHODS))
+    return _METHODS[name]
+
+
+def create_method(name: str, sparsity: float | str, **kwargs: Any) -> Method:
+    """Build the method ``name`` at ``sparsity`` (removed fraction)."""
+    return method_class(name)(sparsity, **kwargs)

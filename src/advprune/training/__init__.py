@@ -1,0 +1,49 @@
+"""Training: batch objectives and the one Trainer every method uses."""
+
+from advprune.training.objectives import (
+    MART,
+    TRADES,
+    FastAT,
+    Natural,
+    Objective,
+    ObjectiveOutput,
+    PGDTraining,
+    create_objective,
+    list_objectives,
+    register_objective,
+)
+from advprune.training.trainer import (
+    PARAM_KINDS,
+    SCHEDULES,
+    EpochResult,
+    FitResult,
+    TrainConfig,
+    Trainer,
+    evaluate_accuracy,
+    load_best,
+    lr_factor,
+    parameter_groups,
+)
+
+__all__ = [
+    "MART",
+    "PARAM_KINDS",
+    "SCHEDULES",
+    "TRADES",
+    "EpochResult",
+    "FastAT",
+    "FitResult",
+    "Natural",
+    "Objective",
+    "ObjectiveOutput",
+    "PGDTraining",
+    "TrainConfig",
+    "Trainer",
+    "create_objective",
+    "evaluate_accuracy",
+    "list_objectives",
+    "load_best",
+    "lr_factor",
+    "parameter_groups",
+    "register_objective",
+]

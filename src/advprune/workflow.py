@@ -1,0 +1,284 @@
+"""The stages a user runs, as functions shared by the CLI and the quickstart.
+
+``train`` (dense pretraining) -> ``prune`` (a method attaches masks) -> ``finetune`` (train
+with the method's finetune parameter kinds) -> ``evaluate`` (clean and PGD accuracy). Each
+stage writes ``OUT/model.safetensors`` + ``OUT/model.json``; training stages also write
+``best`` / ``last`` / ``metrics.jsonl`` so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from advprune.attacks import PGD
+from advprune.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from advprune.config import RunConfig
+from advprune.data import DataSplits, RandomCropFlip, load_dataset, make_loader
+from advprune.errors import CheckpointError, ConfigError
+from advprune.methods import create_method, method_class
+from advprune.models import create
+from advprune.sparsity import sparsity_report
+from advprune.training import (
+    TrainConfig,
+    Trainer,
+    create_objective,
+    evaluate_accuracy,
+    load_best,
+    parameter_groups,
+)
+
+MODEL_FILE = "model.safetensors"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA if available, else CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+@dataclass
+class Data:
+    """Loaded splits and their loaders."""
+
+    splits: DataSplits
+    train: torch.utils.data.DataLoader
+    val: torch.utils.data.DataLoader | None
+    test: torch.utils.data.DataLoader
+
+
+def prepare_data(cfg: RunConfig) -> Data:
+    """Load ``cfg.dataset`` and build seeded loaders (test limited to the first ``cfg.n``)."""
+    splits = load_dataset(
+        cfg.dataset,
+        cfg.data_root,
+        download=cfg.download,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+    )
+    test = splits.test
+    if cfg.n is not None:
+        test = torch.utils.data.Subset(test, range(min(cfg.n, len(test))))
+    return Data(
+        splits=splits,
+        train=make_loader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed),
+        val=make_loader(splits.val, cfg.batch_size) if splits.val is not None else None,
+        test=make_loader(test, cfg.batch_size),
+    )
+
+
+def augmentation(cfg: RunConfig, data: Data) -> RandomCropFlip | None:
+    """Random crop (padding 4) + flip for inputs of 32x32 and larger unless ``cfg.augment``
+    says otherwise; digits (8x8) are not augmented by default (flips change digits)."""
+    use = cfg.augment
+    if use is None:
+        use = min(data.splits.info.input_shape[1:]) >= 32
+    return RandomCropFlip(padding=4, flip=True) if use else None
+
+
+def build_model(cfg: RunConfig, data: Data) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The model to train: from ``cfg.checkpoint`` if given, else a fresh ``cfg.model``."""
+    info = data.splits.info
+    if cfg.checkpoint:
+        model, card = load_checkpoint(cfg.checkpoint)
+        arch = card["architecture"]
+        if arch["num_classes"] != info.num_classes or arch["in_channels"] != info.input_shape[0]:
+            raise CheckpointError(
+                f"{cfg.checkpoint} is a {arch['name']} for {arch['num_classes']} classes and "
+                f"{arch['in_channels']} channels; {info.name} has {info.num_classes} classes "
+                f"and {info.input_shape[0]} channels"
+            )
+        return model, card
+    model = create(
+        cfg.model,
+        num_classes=info.num_classes,
+        in_channels=info.input_shape[0],
+        mean=info.mean,
+        std=info.std,
+    )
+    return model, None
+
+
+def make_objective(cfg: RunConfig):
+    """The training objective named by ``cfg.objective`` with the config's attack settings."""
+    if cfg.objective == "natural":
+        return create_objective("natural")
+    kwargs: dict[str, Any] = {"eps": cfg.eps_text(), "norm": cfg.norm}
+    if cfg.objective == "fast":
+        if cfg.step_size is not None:
+            kwargs["step_size"] = cfg.step_size
+        return create_objective("fast", **kwargs)
+    kwargs.update(
+        steps=cfg.attack_steps,
+        step_size=cfg.step_size_value(cfg.attack_steps),
+        attack_mode=cfg.attack_mode,
+    )
+    if cfg.objective in ("trades", "mart"):
+        kwargs["beta"] = cfg.beta
+    return create_objective(cfg.objective, **kwargs)
+
+
+def eval_attack(cfg: RunConfig, steps: int | None = None) -> PGD:
+    """PGD with ``steps`` (default ``cfg.eval_steps``) at the config's eps, step 2.5·eps/steps."""
+    return PGD(eps=cfg.eps_text(), steps=steps or cfg.eval_steps, norm=cfg.norm, model_mode="eval")
+
+
+def _card(cfg: RunConfig, data: Data, **extra: Any) -> dict[str, Any]:
+    return {
+        "dataset": data.splits.info.to_dict(),
+        "input_shape": list(data.splits.info.input_shape),
+        "eps": cfg.eps_text(),
+        "eps_value": cfg.eps_value(),
+        "norm": cfg.norm,
+        "seed": cfg.seed,
+        **extra,
+    }
+
+
+def train_stage(
+    cfg: RunConfig,
+    data: Data,
+    model: nn.Module,
+    *,
+    out: Path,
+    kinds: tuple[str, ...] = ("weights", "bn"),
+    card: dict[str, Any] | None = None,
+    stage: str = "pretrain",
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train ``model`` (the parameter ``kinds`` only) and save ``out/model.safetensors``.
+
+    The best epoch by robust validation accuracy is kept when there is validation data.
+    """
+    device = resolve_device(cfg.device)
+    model = model.to(device)
+    objective = make_objective(cfg)
+    tcfg = TrainConfig(
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        schedule=cfg.schedule,
+        warmup_epochs=cfg.warmup_epochs,
+        amp=cfg.amp,
+        seed=cfg.seed,
+        select_by="clean" if cfg.objective == "natural" else "robust",
+    )
+    full_card = _card(cfg, data, **(card or {}), stage=stage, objective=objective.config())
+    trainer = Trainer(
+        model,
+        objective,
+        data.train,
+        tcfg,
+        val_loader=data.val,
+        # validation (model selection) uses the training attack's step count; the final
+        # evaluation uses the stronger eval attack
+        val_attack=None if cfg.objective == "natural" else eval_attack(cfg, cfg.attack_steps),
+        param_groups=parameter_groups(model, kinds),
+        augment=augmentation(cfg, data),
+        device=device,
+        out_dir=out,
+        card=full_card,
+        progress=cfg.progress,
+    )
+    result = trainer.fit()
+    if result.best_checkpoint is not None:
+        load_best(trainer)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    full_card["training"] = {
+        **tcfg.to_dict(),
+        "best_epoch": result.best_epoch,
+        "best_val_score": result.best_score,
+    }
+    save_checkpoint(out / MODEL_FILE, model, full_card)
+    return model, full_card
+
+
+def prune_stage(
+    cfg: RunConfig, data: Data, model: nn.Module, *, out: Path | None, **method_options: Any
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Apply ``cfg.method`` at ``cfg.sparsity`` to a copy of ``model``; save if ``out`` is set."""
+    method = create_method(
+        cfg.method,
+        cfg.sparsity,
+        structure=cfg.structure,
+        scope=cfg.scope,
+        keep_first=cfg.keep_first,
+        keep_last=cfg.keep_last,
+        **method_options,
+    )
+    pruned = copy.deepcopy(model)
+    targets = method.prune(pruned)
+    card = _card(
+        cfg, data, method=method.config(), stage="prune", sparsity={"target": cfg.sparsity}
+    )
+    card["sparsity"]["target_layers"] = targets
+    if out is not None:
+        save_checkpoint(out / MODEL_FILE, pruned, card)
+    return pruned, card
+
+
+def finetune_stage(
+    cfg: RunConfig, data: Data, model: nn.Module, prune_card: dict[str, Any], *, out: Path
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a pruned model with the parameter kinds its method trains in ``finetune``."""
+    method_cfg = prune_card.get("method")
+    if not method_cfg:
+        raise CheckpointError("finetune needs a pruned checkpoint (its card names no method)")
+    kinds = method_class(method_cfg["name"]).trains.get("finetune", ("weights", "bn"))
+    card = {"method": method_cfg, "sparsity": {"target": prune_card["sparsity"].get("target")}}
+    return train_stage(cfg, data, model, out=out, kinds=kinds, card=card, stage="finetune")
+
+
+def evaluate(cfg: RunConfig, data: Data, model: nn.Module) -> dict[str, Any]:
+    """Clean and PGD robust accuracy on the test split (first ``cfg.n`` samples)."""
+    device = resolve_device(cfg.device)
+    model = model.to(device)
+    attack = eval_attack(cfg)
+    clean, robust = evaluate_accuracy(
+        model, data.test, attack, device=device, progress=cfg.progress, desc="evaluate"
+    )
+    report = sparsity_report(model, tuple(data.splits.info.input_shape))
+    return {
+        "clean_accuracy": clean,
+        "robust_accuracy": robust,
+        "attack": f"PGD-{attack.steps} ({attack.norm}, step {attack.step_size:.6g}, random start)",
+        "eps": cfg.eps_text(),
+        "eps_value": cfg.eps_value(),
+        "norm": cfg.norm,
+        "n": len(data.test.dataset),
+        "measured_sparsity": report.sparsity,
+    }
+
+
+def write_results(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write result rows as JSON, atomically."""
+    write_json_atomic(path, rows)
+
+
+__all__ = [
+    "Data",
+    "augmentation",
+    "build_model",
+    "eval_attack",
+    "evaluate",
+    "finetune_stage",
+    "make_objective",
+    "prepare_data",
+    "prune_stage",
+    "resolve_device",
+    "train_stage",
+    "write_results",
+]
