@@ -233,3 +233,25 @@ def test_bad_input() -> None:
         prune_magnitude(model, 0.5, scope="planet")
     with pytest.raises(ConfigError, match="cannot mask"):
         attach_mask(nn.BatchNorm2d(3), FixedMask((3,)))
+
+
+def test_export_of_a_deepcopy_leaves_the_original_masked() -> None:
+    model = small_net().eval()
+    prune_magnitude(model, 0.8)
+    with torch.no_grad():
+        before = model(X)
+    exported = export_dense(copy.deepcopy(model))
+    with torch.no_grad():
+        assert torch.equal(model(X), before)
+        assert torch.equal(exported(X), before)
+    assert all(is_masked(m) for m in prunable_layers(model).values())
+    assert not any(is_masked(m) for m in exported.modules())
+
+
+def test_export_keeps_the_parameter_object() -> None:
+    model = small_net()
+    prune_magnitude(model, 0.5)
+    original = model[6].parametrizations.weight.original
+    export_dense(model)
+    assert model[6].weight is original
+    assert int((model[6].weight == 0).sum()) >= 0.5 * original.numel() - 1

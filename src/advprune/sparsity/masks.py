@@ -250,10 +250,31 @@ def attach_mask(module: nn.Module, mask: MaskBase) -> MaskBase:
             f"{tuple(module.weight.shape)}"
         )
     if is_masked(module):
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        remove_mask(module, fold=False)
     mask = mask.to(module.weight.device)
     parametrize.register_parametrization(module, "weight", mask)
     return mask
+
+
+@torch.no_grad()
+def remove_mask(module: nn.Module, *, fold: bool) -> None:
+    """Remove the mask from ``module.weight``; ``fold=True`` keeps the masked values.
+
+    The weight stays the same ``nn.Parameter`` object (optimizers that hold it keep working).
+    Unlike ``parametrize.remove_parametrizations``, this never edits the parametrised class,
+    which ``copy.deepcopy`` shares between a model and its copies: removing the mask from a
+    copy leaves the original intact.
+    """
+    plist = module.parametrizations["weight"]
+    original = plist.original
+    if fold:
+        original.copy_(module.weight)
+    if len(module.parametrizations) > 1:  # other tensors parametrised too: torch's own path
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        return
+    module.__class__ = module.__class__.__bases__[0]
+    del module._modules["parametrizations"]
+    module.register_parameter("weight", original)
 
 
 def masked_modules(model: nn.Module) -> dict[str, tuple[nn.Module, MaskBase]]:

@@ -7,9 +7,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from advprune.sparsity.masks import PRUNABLE_TYPES, get_mask, masked_modules
+from advprune.sparsity.masks import PRUNABLE_TYPES, get_mask, masked_modules, remove_mask
 
 
 @dataclass
@@ -179,5 +178,5 @@ def export_dense(model: nn.Module) -> nn.Module:
     what the masked model computed. Returns ``model``.
     """
     for module, _ in masked_modules(model).values():
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        remove_mask(module, fold=True)
     return model
