@@ -353,8 +353,9 @@ class Trainer:
         total_loss = 0.0
         correct = seen = 0
         lr = self._set_lr(epoch)
+        # make the iterator before tqdm: tqdm may touch the loader (and its generator) itself
         bar = tqdm(
-            self.train_loader,
+            iter(self.train_loader),
             total=n_batches,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             leave=False,
@@ -400,6 +401,8 @@ class Trainer:
         """
         cfg = self.config
         result = FitResult()
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         start = self._try_resume(result)
         best_state: dict[str, torch.Tensor] | None = None
         for epoch in range(start, cfg.epochs):
