@@ -33,7 +33,7 @@ def digits_model(seed: int = 0) -> nn.Module:
 def test_masked_round_trip_identical_outputs_and_card(tmp_path) -> None:
     model = digits_model()
     prune_magnitude(model, 0.9)
-    path = save_checkpoint(tmp_path / "m", model, {"dataset": {"name": "digits"}, "eps": "1/8"})
+    path = save_checkpoint(tmp_path / "m", model, {"dataset": {"name": "digits"}, "eps": "3/16"})
     assert path.name == "m.safetensors" and card_path(path).exists()
     loaded, card = load_checkpoint(path)
     loaded.eval()
@@ -42,7 +42,7 @@ def test_masked_round_trip_identical_outputs_and_card(tmp_path) -> None:
     assert card["architecture"]["name"] == "digits_cnn"
     assert card["normalization"] == {"mean": [0.3], "std": [0.4]}
     assert card["input_shape"] == [1, 8, 8]
-    assert card["eps"] == "1/8" and card["dataset"] == {"name": "digits"}
+    assert card["eps"] == "3/16" and card["dataset"] == {"name": "digits"}
     assert card["tensors"]["sha256"] == ckpt.sha256_file(path)
     assert card["sparsity"]["measured"] == pytest.approx(0.9, abs=1e-3)
     assert all(d == pytest.approx(0.1, abs=1e-2) for d in card["sparsity"]["layers"].values())

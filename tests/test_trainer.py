@@ -147,8 +147,8 @@ class CrashingLoader:
 
 def test_resume_after_interruption_continues_where_it_stopped(digits, tmp_path) -> None:
     cfg = TrainConfig(epochs=3, lr=0.05, seed=1)
-    objective = create_objective("pgd", eps="1/8", steps=2)
-    attack = PGD(eps="1/8", steps=2)
+    objective = create_objective("pgd", eps="3/16", steps=2)
+    attack = PGD(eps="3/16", steps=2)
 
     def run(out, loader):
         model = small_model()
@@ -181,9 +181,9 @@ def test_resume_after_interruption_continues_where_it_stopped(digits, tmp_path) 
 def test_best_checkpoint_is_the_best_robust_epoch(digits, tmp_path) -> None:
     train, val = loaders(digits)
     model = small_model()
-    trainer = Trainer(model, create_objective("pgd", eps="1/8", steps=2), train,
+    trainer = Trainer(model, create_objective("pgd", eps="3/16", steps=2), train,
                       TrainConfig(epochs=3, lr=0.05), val_loader=val,
-                      val_attack=PGD(eps="1/8", steps=3), out_dir=tmp_path, progress=False,
+                      val_attack=PGD(eps="3/16", steps=3), out_dir=tmp_path, progress=False,
                       card={"dataset": {"name": "digits"}})  # fmt: skip
     result = trainer.fit()
     robust = [r.val_robust_accuracy for r in result.history]
@@ -193,7 +193,7 @@ def test_best_checkpoint_is_the_best_robust_epoch(digits, tmp_path) -> None:
     assert card["training"]["val_robust_accuracy"] == pytest.approx(max(robust))
     assert card["objective"]["name"] == "pgd" and card["dataset"] == {"name": "digits"}
     torch.manual_seed(0)
-    _, rob = evaluate_accuracy(best, val, PGD(eps="1/8", steps=3))
+    _, rob = evaluate_accuracy(best, val, PGD(eps="3/16", steps=3))
     assert rob == pytest.approx(max(robust), abs=0.05)
 
 
@@ -220,5 +220,5 @@ def test_inputs_outside_unit_range_are_rejected() -> None:
 
 def test_robust_accuracy_never_exceeds_clean(digits) -> None:
     _, val = loaders(digits)
-    clean, robust = evaluate_accuracy(small_model(), val, PGD(eps="1/8", steps=2))
+    clean, robust = evaluate_accuracy(small_model(), val, PGD(eps="3/16", steps=2))
     assert 0 <= robust <= clean <= 1

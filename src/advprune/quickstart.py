@@ -4,9 +4,10 @@ Adversarially pretrain the small CNN (PGD-AT), prune it with one-shot LWM to 90 
 sparsity, finetune each with PGD-AT, evaluate clean and PGD-20 robust accuracy on the 360
 test digits, print a table and write ``OUT/results.json``.
 
-eps = 1/8 (L∞, input units): digits pixels take the 17 values k/16, so 1/8 moves every pixel
-by up to two grey levels. That is a real perturbation for 8x8 images (an undefended CNN drops
-to near chance) yet leaves every digit recognisable (strokes have value 1, background 0).
+eps = 3/16 (L∞, input units): digits pixels take the 17 values k/16, so 3/16 moves every pixel
+by up to three grey levels. Every digit stays recognisable (strokes have value 1, background 0),
+yet PGD-20 at 3/16 brings a naturally trained digits CNN from 99 % to chance (about 10 %), while
+PGD adversarial training keeps most of it: a threat model on which robustness is meaningful.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ QUICKSTART = {
     "dataset": "digits",
     "model": "digits_cnn",
     "objective": "pgd",
-    "eps": "1/8",
+    "eps": "3/16",
     "attack_steps": 5,
     "eval_steps": 20,
     "batch_size": 64,

@@ -1,0 +1,36 @@
+# advprune set-up: `make quickstart` and `make test` each create or reuse .venv.
+# torch is pinned to 2.13.0: on these machines that takes the CPU build already on disk,
+# and a plain `torch` would download gigabytes of CUDA packages.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.advprune-installed
+
+.PHONY: venv quickstart test test-all lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/advprune quickstart --out quickstart_out
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) quickstart_out .pytest_cache .ruff_cache
