@@ -16,11 +16,18 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from advprune.errors import AdvpruneError
 
 EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one ``error:`` line, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
 def _bool(text: str) -> bool:
@@ -82,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``advprune``."""
     from advprune import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="advprune",
         description="Adversarial pruning: prune, train robustly, evaluate exactly.",
     )
@@ -139,6 +146,18 @@ def _require_checkpoint(cfg: Any, command: str) -> None:
         )
 
 
+def _check_out(cfg: Any) -> None:
+    """Refuse to write into the folder of the input checkpoint (it would be overwritten, and a
+    training stage would try to resume the run that produced it)."""
+    from advprune.checkpoint import tensor_path
+
+    if cfg.checkpoint and Path(cfg.out).resolve() == tensor_path(cfg.checkpoint).resolve().parent:
+        raise AdvpruneError(
+            f"the output folder {cfg.out} holds the input checkpoint {cfg.checkpoint}; "
+            "pass --out NEW_FOLDER so the input is not overwritten"
+        )
+
+
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
@@ -147,6 +166,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from advprune import workflow as wf
 
     cfg = _run_config(args)
+    _check_out(cfg)
     data = wf.prepare_data(cfg)
     model, card = wf.build_model(cfg, data)
     if card and card.get("masks"):
@@ -163,7 +183,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     cfg = _run_config(args)
     _require_checkpoint(cfg, "prune")
-    data = wf.prepare_data(cfg)
+    _check_out(cfg)
+    data = wf.prepare_data(cfg, with_val=False)
     model, card = wf.build_model(cfg, data)
     if card and card.get("masks"):
         raise AdvpruneError(f"{cfg.checkpoint} is already pruned; prune its dense parent")
@@ -182,6 +203,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     cfg = _run_config(args)
     _require_checkpoint(cfg, "finetune")
+    _check_out(cfg)
     data = wf.prepare_data(cfg)
     model, card = wf.build_model(cfg, data)
     out = Path(cfg.out)
@@ -196,7 +218,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = _run_config(args)
     _require_checkpoint(cfg, "eval")
-    data = wf.prepare_data(cfg)
+    data = wf.prepare_data(cfg, with_val=False)
     model, _ = wf.build_model(cfg, data)
     metrics = wf.evaluate(cfg, data, model)
     metrics["checkpoint"] = cfg.checkpoint
@@ -220,22 +242,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     from advprune.sparsity import sparsity_report
 
     model, card = load_checkpoint(args.path)
-    report = sparsity_report(model, tuple(card["input_shape"]))
+    # load_checkpoint validated the architecture and tensors; other card fields may be absent
+    spec = model.spec
+    shape = list(card.get("input_shape") or spec.input_size)
+    report = sparsity_report(model, tuple(shape))
     if args.as_json:
         _print_json({"card": card, "sparsity_report": report.to_dict()})
         return 0
-    arch = card["architecture"]
     print(f"checkpoint   {args.path}")
-    shape = card["input_shape"]
-    print(f"architecture {arch['name']} ({arch['num_classes']} classes, input {shape})")
-    print(f"normalize    mean {card['normalization']['mean']} std {card['normalization']['std']}")
+    print(f"architecture {spec.name} ({spec.num_classes} classes, input {shape})")
+    print(f"normalize    mean {list(spec.mean)} std {list(spec.std)}")
     for key in ("dataset", "method", "objective"):
         value = card.get(key)
         if isinstance(value, dict):
             value = value.get("name")
         print(f"{key:<12} {value}")
     print(f"eps          {card.get('eps')} ({card.get('norm')})")
-    print(f"advprune     {card.get('advprune_version')}  sha256 {card['tensors']['sha256'][:16]}")
+    sha = str((card.get("tensors") or {}).get("sha256") or "none")
+    print(f"advprune     {card.get('advprune_version')}  sha256 {sha[:16]}")
     print(report.format())
     return 0
 
@@ -278,10 +302,18 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``advprune``; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage error (one line, see _Parser), --help or --version
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        return EXIT_USAGE
     try:
         return COMMANDS[args.command](args)
     except AdvpruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except FloatingPointError as exc:  # training diverged (e.g. a learning rate far too high)
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

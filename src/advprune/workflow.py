@@ -9,6 +9,7 @@ stage writes ``OUT/model.safetensors`` + ``OUT/model.json``; training stages als
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from advprune.attacks import PGD
-from advprune.checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from advprune.checkpoint import load_checkpoint, read_card, save_checkpoint, write_json_atomic
 from advprune.config import RunConfig
 from advprune.data import DataSplits, RandomCropFlip, load_dataset, make_loader
 from advprune.errors import CheckpointError, ConfigError
@@ -34,6 +35,7 @@ from advprune.training import (
 )
 
 MODEL_FILE = "model.safetensors"
+RUN_FILE = "run.json"  # the settings of the training run in a folder, to refuse a wrong resume
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -59,13 +61,16 @@ class Data:
     test: torch.utils.data.DataLoader
 
 
-def prepare_data(cfg: RunConfig) -> Data:
-    """Load ``cfg.dataset`` and build seeded loaders (test limited to the first ``cfg.n``)."""
+def prepare_data(cfg: RunConfig, *, with_val: bool = True) -> Data:
+    """Load ``cfg.dataset`` and build seeded loaders (test limited to the first ``cfg.n``).
+
+    ``with_val=False`` (stages that do not train) keeps the whole train split and no val split.
+    """
     splits = load_dataset(
         cfg.dataset,
         cfg.data_root,
         download=cfg.download,
-        val_fraction=cfg.val_fraction,
+        val_fraction=cfg.val_fraction if with_val else 0.0,
         seed=cfg.seed,
     )
     test = splits.test
@@ -93,21 +98,32 @@ def build_model(cfg: RunConfig, data: Data) -> tuple[nn.Module, dict[str, Any] |
     info = data.splits.info
     if cfg.checkpoint:
         model, card = load_checkpoint(cfg.checkpoint)
-        arch = card["architecture"]
-        if arch["num_classes"] != info.num_classes or arch["in_channels"] != info.input_shape[0]:
+        spec = model.spec
+        if "model" in cfg.model_fields_set and cfg.model != spec.name:
             raise CheckpointError(
-                f"{cfg.checkpoint} is a {arch['name']} for {arch['num_classes']} classes and "
-                f"{arch['in_channels']} channels; {info.name} has {info.num_classes} classes "
-                f"and {info.input_shape[0]} channels"
+                f"model {cfg.model!r} was set but {cfg.checkpoint} holds a {spec.name!r}; "
+                "drop the model setting or pass a checkpoint of that architecture"
+            )
+        if spec.num_classes != info.num_classes or spec.in_channels != info.input_shape[0]:
+            dataset = card.get("dataset")
+            trained_on = dataset.get("name") if isinstance(dataset, dict) else None
+            hint = f"pass --dataset {trained_on}" if trained_on else "pass its dataset"
+            raise CheckpointError(
+                f"{cfg.checkpoint} is a {spec.name} for {spec.num_classes} classes and "
+                f"{spec.in_channels} channels; {info.name} has {info.num_classes} classes "
+                f"and {info.input_shape[0]} channels; {hint} (the one it was trained on)"
             )
         return model, card
-    model = create(
-        cfg.model,
-        num_classes=info.num_classes,
-        in_channels=info.input_shape[0],
-        mean=info.mean,
-        std=info.std,
-    )
+    # the initial weights depend on cfg.seed only (not on whatever used torch's RNG before)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = create(
+            cfg.model,
+            num_classes=info.num_classes,
+            in_channels=info.input_shape[0],
+            mean=info.mean,
+            std=info.std,
+        )
     return model, None
 
 
@@ -192,6 +208,9 @@ def train_stage(
         card=full_card,
         progress=cfg.progress,
     )
+    run = _run_record(cfg, model, full_card, tcfg, kinds)
+    _check_same_run(out, run)
+    write_json_atomic(out / RUN_FILE, run)
     result = trainer.fit()
     if result.best_checkpoint is not None:
         load_best(trainer)
@@ -204,6 +223,55 @@ def train_stage(
     }
     save_checkpoint(out / MODEL_FILE, model, full_card)
     return model, full_card
+
+
+def _run_record(
+    cfg: RunConfig, model: nn.Module, card: dict[str, Any], tcfg: TrainConfig, kinds: tuple
+) -> dict[str, Any]:
+    """Everything that decides what a training run computes (JSON-normalised)."""
+    init = None
+    if cfg.checkpoint:
+        init = (read_card(cfg.checkpoint).get("tensors") or {}).get("sha256")
+    record = {
+        **card,
+        "architecture": model.spec.to_dict(),
+        "init_checkpoint_sha256": init,
+        "data": {
+            "batch_size": cfg.batch_size,
+            "val_fraction": cfg.val_fraction,
+            "augment": cfg.augment,
+        },
+        "training": tcfg.to_dict(),
+        "trains": list(kinds),
+    }
+    return json.loads(json.dumps(record, default=str))
+
+
+def _check_same_run(out: Path, run: dict[str, Any]) -> None:
+    """Refuse to resume the run in ``out`` when it was started with other settings.
+
+    The trainer resumes from ``out/last`` when it exists; resuming a run of another stage,
+    objective, eps, dataset or input checkpoint would silently give a model that does not
+    match the settings recorded in its card.
+    """
+    if not (out / "last.safetensors").exists():
+        return
+    try:
+        before = json.loads((out / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        before = None
+    if not isinstance(before, dict):
+        raise ConfigError(
+            f"{out} holds a training state of an unknown run (no readable {RUN_FILE}); "
+            "pass a new --out folder"
+        )
+    changed = sorted(k for k in set(before) | set(run) if before.get(k) != run.get(k))
+    if changed:
+        raise ConfigError(
+            f"{out} holds a {before.get('stage', 'training')} run with other settings "
+            f"({', '.join(changed)} differ); rerun with the same settings to resume it, "
+            "or pass a new --out folder"
+        )
 
 
 def prune_stage(
