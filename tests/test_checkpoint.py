@@ -182,3 +182,23 @@ def test_training_state_round_trip(tmp_path) -> None:
     assert opt2.param_groups[0]["lr"] == 0.1
     for k, v in opt.state_dict()["state"].items():
         assert torch.equal(opt2.state_dict()["state"][k]["momentum_buffer"], v["momentum_buffer"])
+
+
+def test_card_without_hash_is_refused(tmp_path) -> None:
+    path = save_checkpoint(tmp_path / "h", digits_model())
+    card = json.loads(card_path(path).read_text())
+    del card["tensors"]["sha256"]
+    card_path(path).write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="records no sha256"):
+        load_checkpoint(path)
+
+
+def test_masks_for_unknown_layers_name_the_checkpoint(tmp_path) -> None:
+    model = digits_model()
+    prune_magnitude(model, 0.5)
+    path = save_checkpoint(tmp_path / "u", model)
+    card = json.loads(card_path(path).read_text())
+    card["masks"]["no.such.layer"] = {"kind": "fixed", "granularity": "unstructured"}
+    card_path(path).write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match=r"u\.json.*no\.such\.layer"):
+        load_checkpoint(path)

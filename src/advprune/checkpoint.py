@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from advprune.errors import CheckpointError, ConfigError
+from advprune.errors import AdvpruneError, CheckpointError, ConfigError
 
 FORMAT = "advprune-checkpoint"
 FORMAT_VERSION = 1
@@ -98,23 +98,31 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
-def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> str:
+def _write_files(path: Path, tensors: Mapping[str, torch.Tensor], card: dict[str, Any]) -> None:
+    """Write tensors and card to temporary files, then rename both into place.
+
+    Both files are complete before either is renamed, so a crash leaves at worst the old pair,
+    or a new tensor file whose hash the old card rejects, never a truncated file.
+    """
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(clean, str(tmp), metadata={"format": "pt"})
-    return sha256_file(path)
+    with atomic_path(path) as tmp_tensors:
+        save_file(clean, str(tmp_tensors), metadata={"format": "pt"})
+        card["tensors"] = {"file": path.name, "sha256": sha256_file(tmp_tensors)}
+        write_json_atomic(card_path(path), card)
 
 
-def _read_tensors(path: Path, expected_sha256: str | None) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, card: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint tensor file {path} is missing")
-    if expected_sha256 is not None:
-        actual = sha256_file(path)
-        if actual != expected_sha256:
-            raise CheckpointError(
-                f"{path}: sha256 {actual[:12]}... does not match the card's "
-                f"{expected_sha256[:12]}...; the file is corrupt or was replaced"
-            )
+    expected = (card.get("tensors") or {}).get("sha256")
+    if not isinstance(expected, str):
+        raise CheckpointError(f"{card_path(path)} records no sha256 of {path.name}; not loading it")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise CheckpointError(
+            f"{path}: sha256 {actual[:12]}... does not match the card's "
+            f"{expected[:12]}...; the file is corrupt or was replaced"
+        )
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -172,7 +180,6 @@ def save_checkpoint(
     if card and card.get("input_shape"):
         input_shape = list(card["input_shape"])
     report = sparsity_report(to_save, tuple(input_shape))
-    digest = _write_tensors(path, to_save.state_dict())
     full: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -192,8 +199,7 @@ def save_checkpoint(
         "exported": bool(export),
     }
     full["masks"] = masks
-    full["tensors"] = {"file": path.name, "sha256": digest}
-    write_json_atomic(card_path(path), full)
+    _write_files(path, to_save.state_dict(), full)
     return path
 
 
@@ -224,12 +230,12 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path} holds a {arch.get('name')!r} model, not the expected {expect_arch!r}"
         )
-    tensors = _read_tensors(path, (card.get("tensors") or {}).get("sha256"))
+    tensors = _read_tensors(path, card)
     try:
         model = ModelSpec.from_dict(arch).build()
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{card_path(path)}: bad architecture entry ({exc})") from None
-    restore_masks(model, card.get("masks") or {})
+        restore_masks(model, card.get("masks") or {})
+    except (KeyError, TypeError, AdvpruneError) as exc:
+        raise CheckpointError(f"{card_path(path)}: bad architecture or masks ({exc})") from None
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
@@ -255,7 +261,7 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
     arch = card.get("architecture") or {}
     if spec is not None and arch.get("name") not in (None, spec.name):
         raise CheckpointError(f"{path} holds a {arch.get('name')!r} model, not {spec.name!r}")
-    tensors = _read_tensors(path, (card.get("tensors") or {}).get("sha256"))
+    tensors = _read_tensors(path, card)
     if card.get("masks"):
         raise CheckpointError(
             f"{path} holds a masked model; load it with load_checkpoint or export it first"
@@ -308,17 +314,13 @@ def save_state(path: str | Path, state: Mapping[str, Any]) -> Path:
     path = tensor_path(path)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten("s", dict(state), tensors)
-    digest = _write_tensors(path, tensors)
-    write_json_atomic(
-        card_path(path),
-        {
-            "format": FORMAT,
-            "kind": "training-state",
-            "advprune_version": _version(),
-            "state": skeleton,
-            "tensors": {"file": path.name, "sha256": digest},
-        },
-    )
+    card = {
+        "format": FORMAT,
+        "kind": "training-state",
+        "advprune_version": _version(),
+        "state": skeleton,
+    }
+    _write_files(path, tensors, card)
     return path
 
 
@@ -326,5 +328,5 @@ def load_state(path: str | Path) -> dict[str, Any]:
     """Load a state saved by :func:`save_state` (hash-checked)."""
     path = tensor_path(path)
     card = _read_card(path)
-    tensors = _read_tensors(path, card["tensors"]["sha256"])
+    tensors = _read_tensors(path, card)
     return _unflatten(card["state"], tensors)
