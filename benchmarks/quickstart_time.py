@@ -1,6 +1,6 @@
 """Wall time of the embedded quickstart (target: under 3 minutes on a 2-core CPU).
 
-    .venv/bin/python benchmarks/quickstart_time.py [--out DIR]
+.venv/bin/python benchmarks/quickstart_time.py [--out DIR]
 """
 
 from __future__ import annotations

@@ -222,3 +222,16 @@ def test_robust_accuracy_never_exceeds_clean(digits) -> None:
     _, val = loaders(digits)
     clean, robust = evaluate_accuracy(small_model(), val, PGD(eps="3/16", steps=2))
     assert 0 <= robust <= clean <= 1
+
+
+def test_amp_on_cpu_trains_in_bfloat16(digits) -> None:
+    train, val = loaders(digits)
+    model = small_model()
+    seen = []
+    model.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    Trainer(model, create_objective("natural"), train, TrainConfig(epochs=3, lr=0.05, amp=True),
+            progress=False).fit()  # fmt: skip
+    assert torch.bfloat16 in seen  # the forward pass ran under autocast
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+    clean, _ = evaluate_accuracy(model, val)
+    assert clean > 0.8
