@@ -171,6 +171,9 @@ def test_finetune_keeps_masks_and_trains(chain):
     card = info["card"]
     assert card["stage"] == "finetune" and card["method"]["name"] == "lwm"
     assert card["masks"] == pruned["card"]["masks"]
+    assert card["sparsity"]["target"] == SPARSITY
+    assert card["sparsity"]["target_layers"] == pruned["card"]["sparsity"]["target_layers"]
+    assert set(card["sparsity"]["target_layers"]) == set(card["masks"])
     _check_local_sparsity(info["sparsity_report"], SPARSITY)
     # the masks stayed fixed: the same number of weights per layer survive training
     kept = {r["name"]: r["kept"] for r in info["sparsity_report"]["layers"]}

@@ -306,7 +306,11 @@ def finetune_stage(
     if not method_cfg:
         raise CheckpointError("finetune needs a pruned checkpoint (its card names no method)")
     kinds = method_class(method_cfg["name"]).trains.get("finetune", ("weights", "bn"))
-    card = {"method": method_cfg, "sparsity": {"target": prune_card["sparsity"].get("target")}}
+    targets = prune_card.get("sparsity") or {}
+    card = {
+        "method": method_cfg,
+        "sparsity": {k: targets.get(k) for k in ("target", "target_layers")},
+    }
     return train_stage(cfg, data, model, out=out, kinds=kinds, card=card, stage="finetune")
 
 

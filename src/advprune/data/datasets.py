@@ -512,7 +512,7 @@ def _cifar_missing(spec: _CifarSpec, root: Path, hint: str) -> DataError:
     detail = f" ({hint})" if hint else ""
     return DataError(
         f"{spec.name}: expected folder '{spec.folder}' with {spec.expected}, or {spec.archive}, "
-        f"under {root}{detail}; pass download=True or --data-root"
+        f"under {root}{detail}; pass --download (download=True) or --data-root DIR"
     )
 
 
@@ -535,7 +535,7 @@ def _read_cifar_members(spec: _CifarSpec, archive: Path) -> dict[str, bytes]:
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise DataError(
             f"{spec.name}: {archive} is not a readable .tar.gz ({exc}); "
-            "delete it and pass download=True"
+            "delete it and pass --download (download=True)"
         ) from None
     missing = [f for f in wanted if f not in out]
     if missing:
@@ -688,7 +688,7 @@ def _load_svhn(root: Path | None, download: bool, image_size: int) -> tuple:
     if missing:
         raise DataError(
             f"svhn: expected {' and '.join(p.name for p in missing)} under {root}; "
-            "pass download=True or --data-root"
+            "pass --download (download=True) or --data-root DIR"
         )
     info = DatasetInfo("svhn", 10, (3, 32, 32), SVHN_MEAN, SVHN_STD)
     return _read_svhn(paths["train"]), _read_svhn(paths["test"]), info
