@@ -260,8 +260,27 @@ class PGDTraining(AdversarialObjective):
         return {**super().config(), "random_start": self.random_start}
 
 
+class _BetaObjective(AdversarialObjective):
+    """An adversarial objective with a robust-term weight ``beta`` (TRADES, MART)."""
+
+    def __init__(
+        self,
+        beta: str | float = 6.0,
+        eps: str | float = "8/255",
+        step_size: str | float | None = None,
+        steps: int = 10,
+        norm: str = "linf",
+        attack_mode: str = "eval",
+    ) -> None:
+        super().__init__(eps, step_size, steps, norm, attack_mode)
+        self.beta = _check_beta(beta)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "beta": self.beta}
+
+
 @register_objective("trades")
-class TRADES(AdversarialObjective):
+class TRADES(_BetaObjective):
     """TRADES (Zhang et al., "Theoretically Principled Trade-off between Robustness and
     Accuracy", ICML 2019).
 
@@ -284,18 +303,6 @@ class TRADES(AdversarialObjective):
 
     Returns logits ``f(x_adv)``.
     """
-
-    def __init__(
-        self,
-        beta: str | float = 6.0,
-        eps: str | float = "8/255",
-        step_size: str | float | None = None,
-        steps: int = 10,
-        norm: str = "linf",
-        attack_mode: str = "eval",
-    ) -> None:
-        super().__init__(eps, step_size, steps, norm, attack_mode)
-        self.beta = _check_beta(beta)
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         if self.eps == 0:
@@ -329,12 +336,9 @@ class TRADES(AdversarialObjective):
         )
         return ObjectiveOutput(loss_natural + self.beta * loss_robust, logits_adv)
 
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "beta": self.beta}
-
 
 @register_objective("mart")
-class MART(AdversarialObjective):
+class MART(_BetaObjective):
     """MART (Wang et al., "Improving Adversarial Robustness Requires Revisiting Misclassified
     Examples", ICLR 2020), exactly as the official code.
 
@@ -356,18 +360,6 @@ class MART(AdversarialObjective):
 
     Returns logits ``f(x_adv)``.
     """
-
-    def __init__(
-        self,
-        beta: str | float = 6.0,
-        eps: str | float = "8/255",
-        step_size: str | float | None = None,
-        steps: int = 10,
-        norm: str = "linf",
-        attack_mode: str = "eval",
-    ) -> None:
-        super().__init__(eps, step_size, steps, norm, attack_mode)
-        self.beta = _check_beta(beta)
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         if self.eps == 0:
@@ -400,9 +392,6 @@ class MART(AdversarialObjective):
         kl = F.kl_div(torch.log(adv_probs + 1e-12), nat_probs, reduction="none").sum(dim=1)
         loss_robust = (kl * (1.0000001 - true_probs)).sum() / x.shape[0]
         return ObjectiveOutput(loss_adv + self.beta * loss_robust, logits_adv)
-
-    def config(self) -> dict[str, Any]:
-        return {**super().config(), "beta": self.beta}
 
 
 @register_objective("fast")
