@@ -21,7 +21,7 @@ from advprune.errors import ConfigError
 
 # Default attack radius per dataset (L∞, input units). Digits are 8x8 images whose pixels take
 # the 17 values k/16: eps = 3/16 allows a change of three grey levels per pixel, small next to
-# the strokes (value 1), and enough to bring an undefended CNN to chance (README, "Why 3/16").
+# the strokes (value 1), and enough to bring an undefended CNN below chance (README, eps 3/16).
 DEFAULT_EPS = {"digits": "3/16", "cifar10": "8/255", "cifar100": "8/255", "svhn": "8/255"}
 FALLBACK_EPS = "8/255"
 

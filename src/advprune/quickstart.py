@@ -6,7 +6,7 @@ test digits, print a table and write ``OUT/results.json``.
 
 eps = 3/16 (L∞, input units): digits pixels take the 17 values k/16, so 3/16 moves every pixel
 by up to three grey levels. Every digit stays recognisable (strokes have value 1, background 0),
-yet PGD-20 at 3/16 brings a naturally trained digits CNN from 99 % to chance (about 10 %), while
+yet PGD-20 at 3/16 brings a naturally trained digits CNN from 99 % to below chance (4 %), while
 PGD adversarial training keeps most of it: a threat model on which robustness is meaningful.
 """
 
