@@ -34,6 +34,7 @@ from advprune._validation import check_eps, check_norm, parse_number
 from advprune.attacks.pgd import (
     FGSM,
     PGD,
+    LossFn,
     check_model_mode,
     check_step_size,
     check_steps,
@@ -278,6 +279,27 @@ class _BetaObjective(AdversarialObjective):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "beta": self.beta}
 
+    def _ascend_from_gaussian_start(
+        self, model: nn.Module, x: Tensor, y: Tensor, make_loss: Callable[[], LossFn]
+    ) -> Tensor:
+        """The official TRADES / MART inner maximisation: projected ascent on ``make_loss()``
+        (built inside ``attack_mode``) from ``x + 0.001 * N(0, 1)`` projected to the ball."""
+        if self.eps == 0:
+            return x.detach().clone()
+        x0 = x.detach()
+        with model_mode_scope(model, self.attack_mode):
+            return projected_gradient_ascent(
+                model,
+                x,
+                y,
+                make_loss(),
+                eps=self.eps,
+                step_size=self.step_size,
+                steps=self.steps,
+                norm=self.norm,
+                x_init=project(_small_gaussian_start(x0), x0, self.eps, self.norm),
+            )
+
 
 @register_objective("trades")
 class TRADES(_BetaObjective):
@@ -305,26 +327,14 @@ class TRADES(_BetaObjective):
     """
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        if self.eps == 0:
-            return x.detach().clone()
-        with model_mode_scope(model, self.attack_mode):
+        def kl_to_clean() -> LossFn:
             with torch.no_grad():
                 p_clean = F.softmax(model(x).float(), dim=1)
-
-            def kl_to_clean(logits: Tensor, _y: Tensor) -> Tensor:
-                return F.kl_div(F.log_softmax(logits.float(), dim=1), p_clean, reduction="sum")
-
-            return projected_gradient_ascent(
-                model,
-                x,
-                y,
-                kl_to_clean,
-                eps=self.eps,
-                step_size=self.step_size,
-                steps=self.steps,
-                norm=self.norm,
-                x_init=project(_small_gaussian_start(x.detach()), x.detach(), self.eps, self.norm),
+            return lambda logits, _y: F.kl_div(
+                F.log_softmax(logits.float(), dim=1), p_clean, reduction="sum"
             )
+
+        return self._ascend_from_gaussian_start(model, x, y, kl_to_clean)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
         x_adv = self.perturb(model, x, y)
@@ -362,20 +372,7 @@ class MART(_BetaObjective):
     """
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        if self.eps == 0:
-            return x.detach().clone()
-        with model_mode_scope(model, self.attack_mode):
-            return projected_gradient_ascent(
-                model,
-                x,
-                y,
-                resolve_loss("ce"),
-                eps=self.eps,
-                step_size=self.step_size,
-                steps=self.steps,
-                norm=self.norm,
-                x_init=project(_small_gaussian_start(x.detach()), x.detach(), self.eps, self.norm),
-            )
+        return self._ascend_from_gaussian_start(model, x, y, lambda: resolve_loss("ce"))
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
         x_adv = self.perturb(model, x, y)
