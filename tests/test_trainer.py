@@ -16,6 +16,7 @@ from advprune.errors import ConfigError, UnknownNameError
 from advprune.models import create
 from advprune.sparsity import attach_scores, masked_modules, prunable_layers, prune_magnitude
 from advprune.training import (
+    Regularizer,
     TrainConfig,
     Trainer,
     create_objective,
@@ -235,3 +236,77 @@ def test_amp_on_cpu_trains_in_bfloat16(digits) -> None:
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
     clean, _ = evaluate_accuracy(model, val)
     assert clean > 0.8
+
+
+class _L2Penalty(Regularizer):
+    """A regularizer with a schedule: weight grows each epoch; ready from epoch ``ready_at``."""
+
+    def __init__(self, ready_at: int) -> None:
+        self.weight, self.ready_at, self.epochs_seen = 0.0, ready_at, 0
+
+    def loss(self, model: nn.Module) -> torch.Tensor:
+        return self.weight * sum(p.pow(2).sum() for p in model.parameters())
+
+    def end_epoch(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        self.weight += 1e-3
+        self.epochs_seen = epoch + 1
+        return {"weight": self.weight}
+
+    def ready(self, model: nn.Module) -> bool:
+        return self.epochs_seen > self.ready_at
+
+    def state_dict(self) -> dict:
+        return {"weight": self.weight, "epochs_seen": self.epochs_seen}
+
+    def load_state_dict(self, state) -> None:
+        self.weight, self.epochs_seen = state["weight"], state["epochs_seen"]
+
+
+class _Recording(type(create_objective("natural"))):
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def set_progress(self, progress: float) -> None:
+        self.seen.append(progress)
+
+
+def test_regularizer_adds_loss_logs_and_gates_best_checkpoint(digits, tmp_path) -> None:
+    train, val = loaders(digits)
+    reg = _L2Penalty(ready_at=2)
+    trainer = Trainer(small_model(), create_objective("natural"), train,
+                      TrainConfig(epochs=3, lr=0.05, select_by="clean"), val_loader=val,
+                      out_dir=tmp_path, progress=False, regularizer=reg)  # fmt: skip
+    result = trainer.fit()
+    # best can only be the last epoch: the regularizer is not ready before
+    assert result.best_epoch == 2
+    assert [r.extra["weight"] for r in result.history] == pytest.approx([1e-3, 2e-3, 3e-3])
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["extra"]["weight"] == pytest.approx(2e-3)
+    # a resumed trainer gets the schedule state back
+    fresh = _L2Penalty(ready_at=2)
+    Trainer(small_model(), create_objective("natural"), train,
+            TrainConfig(epochs=3, lr=0.05, select_by="clean"), val_loader=val,
+            out_dir=tmp_path, progress=False, regularizer=fresh).fit()  # fmt: skip
+    assert fresh.weight == pytest.approx(3e-3) and fresh.epochs_seen == 3
+
+
+def test_regularizer_loss_changes_the_update(digits) -> None:
+    train, _ = loaders(digits)
+
+    def norm_after(weight: float) -> float:
+        reg = _L2Penalty(ready_at=0)
+        reg.weight = weight
+        model = small_model()
+        Trainer(model, create_objective("natural"), train, TrainConfig(epochs=1, lr=0.05),
+                progress=False, regularizer=reg).fit()  # fmt: skip
+        return float(sum(p.detach().pow(2).sum() for p in model.parameters()))
+
+    assert norm_after(0.05) < norm_after(0.0)
+
+
+def test_objective_sees_stage_progress(digits) -> None:
+    train, _ = loaders(digits)
+    objective = _Recording()
+    Trainer(small_model(), objective, train, TrainConfig(epochs=2, lr=0.05), progress=False).fit()
+    n = len(train)
+    assert objective.seen == pytest.approx([i / (2 * n) for i in range(2 * n)])

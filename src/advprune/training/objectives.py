@@ -87,6 +87,11 @@ class Objective(ABC):
         """JSON-able description of the objective, including its ``name``."""
         return {"name": self.name}
 
+    def set_progress(self, progress: float) -> None:
+        """Called by the trainer before every batch with the fraction of the stage done, in
+        [0, 1]; objectives with schedules (eps ramp-up, kappa) override it. Default: nothing."""
+        return None
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
         return f"{type(self).__name__}({args})"

@@ -138,6 +138,35 @@ def parameter_groups(
     return out
 
 
+class Regularizer:
+    """An extra loss term a method adds to the objective's loss (e.g. HARP's hinge loss).
+
+    The trainer adds :meth:`loss` to every batch's loss, calls :meth:`end_epoch` after every
+    epoch (schedules update there; the returned numbers go to ``metrics.jsonl``), keeps an
+    epoch as the best checkpoint only if :meth:`ready` (e.g. the target sparsity is met), and
+    saves :meth:`state_dict` with the training state so a resumed run continues the schedule.
+    """
+
+    def loss(self, model: nn.Module) -> torch.Tensor | None:
+        """The term to add to this batch's loss (None: nothing)."""
+        return None
+
+    def end_epoch(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        """Update the schedule after ``epoch``; return numbers to log."""
+        return {}
+
+    def ready(self, model: nn.Module) -> bool:
+        """May the model as it is now be kept as the best checkpoint?"""
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able schedule state."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+
 @dataclass
 class EpochResult:
     """Metrics of one epoch (train loss/accuracy; validation clean/robust accuracy)."""
@@ -150,6 +179,7 @@ class EpochResult:
     val_robust_accuracy: float | None = None
     seconds: float = 0.0
     best: bool = False
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -230,6 +260,8 @@ class Trainer:
         card: extra checkpoint-card fields (dataset, method, objective, ...).
         resume: continue from ``out_dir/last`` if it exists.
         progress: show progress bars.
+        on_epoch_end: called with every epoch's :class:`EpochResult`.
+        regularizer: a method's extra loss term and best-checkpoint rule (:class:`Regularizer`).
     """
 
     def __init__(
@@ -249,6 +281,7 @@ class Trainer:
         resume: bool = True,
         progress: bool = True,
         on_epoch_end: Callable[[EpochResult], None] | None = None,
+        regularizer: Regularizer | None = None,
     ) -> None:
         self.config = config or TrainConfig()
         self.device = torch.device(device) if device is not None else _model_device(model)
@@ -263,6 +296,7 @@ class Trainer:
         self.resume = resume
         self.progress = progress
         self.on_epoch_end = on_epoch_end
+        self.regularizer = regularizer
         if param_groups is None:
             params = [p for p in model.parameters() if p.requires_grad]
             if not params:
@@ -305,6 +339,7 @@ class Trainer:
             "best_epoch": result.best_epoch,
             "best_score": result.best_score,
             "config": self.config.to_dict(),
+            "regularizer": self.regularizer.state_dict() if self.regularizer else {},
         }
 
     def _try_resume(self, result: FitResult) -> int:
@@ -323,6 +358,8 @@ class Trainer:
         self.optimizer.load_state_dict(opt_state)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.regularizer is not None:
+            self.regularizer.load_state_dict(state.get("regularizer") or {})
         result.best_epoch = state["best_epoch"]
         result.best_score = state["best_score"]
         result.best_checkpoint = self.best_path if result.best_epoch is not None else None
@@ -362,15 +399,18 @@ class Trainer:
             disable=not self.progress,
         )
         for i, (x, y) in enumerate(bar):
+            done = epoch + (i / n_batches if n_batches else 0.0)
             if n_batches:
-                lr = self._set_lr(epoch + i / n_batches)
+                lr = self._set_lr(done)
+            self.objective.set_progress(done / cfg.epochs)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             check_unit_range(x, "training inputs")
             if self.augment is not None:
                 x = self.augment(x)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=cfg.amp):
                 out = self.objective(self.model, x, y)
-            loss = out.loss.float()
+                extra = self.regularizer.loss(self.model) if self.regularizer else None
+            loss = out.loss.float() if extra is None else out.loss.float() + extra.float()
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss became {loss.item()} at epoch {epoch + 1}, batch {i}; "
@@ -409,6 +449,10 @@ class Trainer:
             t0 = time.perf_counter()
             loss, acc, lr = self._train_epoch(epoch)
             row = EpochResult(epoch=epoch, lr=lr, train_loss=loss, train_accuracy=acc)
+            ready = True
+            if self.regularizer is not None:
+                row.extra = dict(self.regularizer.end_epoch(self.model, epoch))
+                ready = self.regularizer.ready(self.model)
             if self.val_loader is not None:
                 clean, robust = evaluate_accuracy(
                     self.model,
@@ -420,7 +464,8 @@ class Trainer:
                 )
                 row.val_clean_accuracy, row.val_robust_accuracy = clean, robust
             score = self._score(row)
-            if score is not None and (result.best_score is None or score >= result.best_score):
+            better = result.best_score is None or (score is not None and score >= result.best_score)
+            if ready and score is not None and better:
                 result.best_score, result.best_epoch, row.best = score, epoch, True
                 if self.best_path is not None:
                     result.best_checkpoint = save_checkpoint(
