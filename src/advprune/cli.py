@@ -83,6 +83,28 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scope", help="local (default) or global")
     g.add_argument("--keep-first", dest="keep_first", type=_bool, nargs="?", const=True)
     g.add_argument("--keep-last", dest="keep_last", type=_bool, nargs="?", const=True)
+    g.add_argument(
+        "--option",
+        dest="method_options",
+        action="append",
+        type=_option,
+        metavar="KEY=VALUE",
+        help="a method option (repeatable), e.g. --option freeze_bn=true",
+    )
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as YAML (numbers, booleans, lists; ``8/255`` stays text)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,10 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="start from this checkpoint instead of a fresh model")
     _add_common(p, training=True)
 
-    p = sub.add_parser("prune", help="prune a checkpoint with a method (no training)")
-    p.add_argument("--checkpoint", help="dense checkpoint to prune (required)")
+    p = sub.add_parser(
+        "prune", help="prune with a method (trains scores / rates if the method does)"
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="trained dense checkpoint to prune (required unless the method prunes at init)",
+    )
+    p.add_argument("--model", help="architecture for methods that prune a fresh network")
     _add_prune(p)
-    _add_common(p, training=False)
+    _add_common(p, training=True)
 
     p = sub.add_parser("finetune", help="train a pruned checkpoint (its method's finetune stage)")
     p.add_argument("--checkpoint", help="pruned checkpoint (required)")
@@ -139,10 +167,12 @@ def _run_config(args: argparse.Namespace, base: dict[str, Any] | None = None):
     return load_config(args.config, overrides, base=base)
 
 
-def _require_checkpoint(cfg: Any, command: str) -> None:
+def _require_checkpoint(cfg: Any, command: str, why: str = "") -> None:
     if not cfg.checkpoint:
+        reason = f" ({why})" if why else ""
         raise AdvpruneError(
             f"`advprune {command}` needs --checkpoint PATH (or `checkpoint:` in the YAML)"
+            + reason
         )
 
 
@@ -180,18 +210,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from advprune import workflow as wf
+    from advprune.sparsity import sparsity_report
 
+    if args.method_options:
+        args.method_options = dict(args.method_options)
     cfg = _run_config(args)
-    _require_checkpoint(cfg, "prune")
+    method = wf.make_method(cfg)  # validates the method, its options and structure first
+    if method.needs_pretrained:
+        _require_checkpoint(cfg, "prune", f"method {method.name!r} prunes a trained model")
     _check_out(cfg)
-    data = wf.prepare_data(cfg, with_val=False)
+    data = wf.prepare_data(cfg, with_val=bool(method.trainable("prune")))
     model, card = wf.build_model(cfg, data)
     if card and card.get("masks"):
         raise AdvpruneError(f"{cfg.checkpoint} is already pruned; prune its dense parent")
     out = Path(cfg.out)
     pruned, _ = wf.prune_stage(cfg, data, model, out=out)
-    from advprune.sparsity import sparsity_report
-
     report = sparsity_report(pruned, tuple(data.splits.info.input_shape))
     print(report.format())
     print(f"saved {out / wf.MODEL_FILE}")

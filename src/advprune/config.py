@@ -69,6 +69,7 @@ class RunConfig(BaseModel):
     scope: str = "local"
     keep_first: bool = False
     keep_last: bool = False
+    method_options: dict[str, Any] = {}  # the method's own options, e.g. {freeze_bn: true}
     # evaluation
     eval_steps: int = 20
     n: int | None = None

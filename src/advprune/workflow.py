@@ -22,10 +22,11 @@ from advprune.checkpoint import load_checkpoint, read_card, save_checkpoint, wri
 from advprune.config import RunConfig
 from advprune.data import DataSplits, RandomCropFlip, load_dataset, make_loader
 from advprune.errors import CheckpointError, ConfigError
-from advprune.methods import create_method, method_class
+from advprune.methods import Method, create_method, method_from_config
 from advprune.models import create
 from advprune.sparsity import sparsity_report
 from advprune.training import (
+    Regularizer,
     TrainConfig,
     Trainer,
     create_objective,
@@ -172,10 +173,12 @@ def train_stage(
     kinds: tuple[str, ...] = ("weights", "bn"),
     card: dict[str, Any] | None = None,
     stage: str = "pretrain",
+    regularizer: Regularizer | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``model`` (the parameter ``kinds`` only) and save ``out/model.safetensors``.
 
-    The best epoch by robust validation accuracy is kept when there is validation data.
+    The best epoch by robust validation accuracy is kept when there is validation data (and,
+    with a ``regularizer``, only among epochs where it is ready, e.g. the target is met).
     """
     device = resolve_device(cfg.device)
     model = model.to(device)
@@ -207,6 +210,7 @@ def train_stage(
         out_dir=out,
         card=full_card,
         progress=cfg.progress,
+        regularizer=regularizer,
     )
     run = _run_record(cfg, model, full_card, tcfg, kinds)
     _check_same_run(out, run)
@@ -274,28 +278,66 @@ def _check_same_run(out: Path, run: dict[str, Any]) -> None:
         )
 
 
-def prune_stage(
-    cfg: RunConfig, data: Data, model: nn.Module, *, out: Path | None, **method_options: Any
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Apply ``cfg.method`` at ``cfg.sparsity`` to a copy of ``model``; save if ``out`` is set."""
-    method = create_method(
+def make_method(cfg: RunConfig) -> Method:
+    """The pruning method named by ``cfg.method`` with the config's settings and options."""
+    return create_method(
         cfg.method,
         cfg.sparsity,
         structure=cfg.structure,
         scope=cfg.scope,
         keep_first=cfg.keep_first,
         keep_last=cfg.keep_last,
-        **method_options,
+        **cfg.method_options,
     )
-    pruned = copy.deepcopy(model)
-    targets = method.prune(pruned)
-    card = _card(
-        cfg, data, method=method.config(), stage="prune", sparsity={"target": cfg.sparsity}
-    )
-    card["sparsity"]["target_layers"] = targets
+
+
+def prune_stage(
+    cfg: RunConfig, data: Data, model: nn.Module, *, out: Path | None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Run ``cfg.method``'s prune stage on a copy of ``model``; save if ``out`` is set.
+
+    The method prepares the model, then for each of its rounds attaches / updates masks and,
+    if it trains in this stage (HYDRA's and HARP's scores, iterative LWM's weights), trains
+    for ``cfg.epochs`` with the run's objective and the method's regularizer. Multi-round
+    training goes to ``out/round_R`` folders, so an interrupted stage resumes.
+    """
+    method = make_method(cfg)
+    pruned = method.prepare(copy.deepcopy(model))
+    kinds = method.trainable("prune")
+    card = _card(cfg, data, method=method.config(), sparsity={"target": cfg.sparsity})
+    train = bool(kinds) and cfg.epochs > 0
+    if train and out is None:
+        raise ConfigError(f"method {method.name!r} trains while pruning; pass an output folder")
+    targets: dict[str, float] = {}
+    for r in range(method.rounds):
+        targets = method.prune_round(pruned, r)
+        card["sparsity"]["target_layers"] = targets
+        if train:
+            assert out is not None
+            folder = out if method.rounds == 1 else out / f"round_{r}"
+            pruned, trained_card = train_stage(
+                cfg,
+                data,
+                pruned,
+                out=folder,
+                kinds=kinds,
+                card=card,
+                stage="prune",
+                regularizer=method.regularizer("prune"),
+            )
+            card["training"] = trained_card.get("training")
+    card["stage"] = "prune"
+    card["sparsity"]["target_layers"] = method_targets(method, pruned, targets)
     if out is not None:
         save_checkpoint(out / MODEL_FILE, pruned, card)
     return pruned, card
+
+
+def method_targets(method: Method, model: nn.Module, targets: dict[str, float]) -> dict[str, float]:
+    """Per-layer target densities after the prune stage (learned ones for methods such as
+    HARP that expose ``learned_densities``)."""
+    learned = getattr(method, "learned_densities", None)
+    return dict(learned(model)) if callable(learned) else dict(targets)
 
 
 def finetune_stage(
@@ -305,13 +347,25 @@ def finetune_stage(
     method_cfg = prune_card.get("method")
     if not method_cfg:
         raise CheckpointError("finetune needs a pruned checkpoint (its card names no method)")
-    kinds = method_class(method_cfg["name"]).trains.get("finetune", ("weights", "bn"))
+    method = method_from_config(method_cfg)
+    if "finetune" not in method.stages:
+        raise ConfigError(f"method {method.name!r} has no finetune stage")
+    kinds = method.trainable("finetune")
     targets = prune_card.get("sparsity") or {}
     card = {
         "method": method_cfg,
         "sparsity": {k: targets.get(k) for k in ("target", "target_layers")},
     }
-    return train_stage(cfg, data, model, out=out, kinds=kinds, card=card, stage="finetune")
+    return train_stage(
+        cfg,
+        data,
+        model,
+        out=out,
+        kinds=kinds,
+        card=card,
+        stage="finetune",
+        regularizer=method.regularizer("finetune"),
+    )
 
 
 def evaluate(cfg: RunConfig, data: Data, model: nn.Module) -> dict[str, Any]:
@@ -347,6 +401,7 @@ __all__ = [
     "eval_attack",
     "evaluate",
     "finetune_stage",
+    "make_method",
     "make_objective",
     "prepare_data",
     "prune_stage",

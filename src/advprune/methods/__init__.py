@@ -7,6 +7,7 @@ from advprune.methods.base import (
     create_method,
     list_methods,
     method_class,
+    method_from_config,
     register_method,
 )
 from advprune.methods.lwm import LWM
@@ -19,5 +20,6 @@ __all__ = [
     "create_method",
     "list_methods",
     "method_class",
+    "method_from_config",
     "register_method",
 ]

@@ -6,6 +6,15 @@ implements :meth:`Method.prune`, which attaches masks to the chosen layers. Trai
 always the one :class:`advprune.training.Trainer`; a method never forks the loop.
 
 Register a method with ``@register_method`` and build one with ``create_method(name, ...)``.
+
+How the workflow runs a method's ``prune`` stage (``advprune prune``, :func:`advprune.prune`):
+
+1. ``model = method.prepare(model)`` (e.g. binary weights for a random-network method);
+2. for ``r`` in ``range(method.rounds)``: ``method.prune_round(model, r)`` attaches or updates
+   the masks; if ``method.trainable("prune")`` names parameter kinds, the model then trains
+   with them (scores for HYDRA, weights between rounds for iterative LWM) with the
+   objective of the run and ``method.regularizer("prune")`` added to the loss;
+3. later stages (``finetune``) train ``method.trainable(stage)`` with masks fixed.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from torch import nn
 from advprune._validation import check_sparsity
 from advprune.errors import ConfigError, UnknownNameError
 from advprune.sparsity import GRANULARITIES, SCOPES
+from advprune.training.trainer import Regularizer
 
 PIPELINES = ("after", "before", "during")  # APB: A (post-training), B (at init), D (in training)
 SCHEDULES = ("one-shot", "iterative")
@@ -65,6 +75,7 @@ class Method(ABC):
     stages: ClassVar[tuple[str, ...]]
     trains: ClassVar[Mapping[str, tuple[str, ...]]]
     options: ClassVar[Mapping[str, Any]] = {}
+    rounds: int = 1  # prune stage rounds (iterative methods override, e.g. from an option)
 
     def __init__(
         self,
@@ -115,6 +126,40 @@ class Method(ABC):
     def prune(self, model: nn.Module) -> dict[str, float]:
         """Attach this method's masks to ``model``; return the per-layer target densities."""
 
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """The model the prune stage starts from (default: ``model`` itself, unchanged)."""
+        return model
+
+    def prune_round(self, model: nn.Module, round_index: int) -> dict[str, float]:
+        """Masks for round ``round_index`` of ``self.rounds``; default: :meth:`prune` once."""
+        if round_index != 0:
+            raise ValueError(f"{self.name} prunes in one round, got round {round_index}")
+        return self.prune(model)
+
+    def trainable(self, stage: str) -> tuple[str, ...]:
+        """Parameter kinds trained in ``stage`` (empty: the stage does not train)."""
+        if stage not in self.stages:
+            raise ConfigError(
+                f"method {self.name!r} has no stage {stage!r}; its stages: {', '.join(self.stages)}"
+            )
+        return tuple(self.trains.get(stage, ()))
+
+    def regularizer(self, stage: str) -> Regularizer | None:
+        """Extra loss term for training ``stage`` (e.g. HARP's hinge loss); default none."""
+        return None
+
+    @property
+    def needs_pretrained(self) -> bool:
+        """Whether the prune stage starts from a trained (``pretrain`` stage) model."""
+        return "pretrain" in self.stages
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Method:
+        """Rebuild a method from :meth:`config` (as stored in checkpoint cards)."""
+        keys = ("structure", "scope", "keep_first", "keep_last", "include", "exclude")
+        kwargs = {k: config[k] for k in keys if k in config}
+        return cls(config["sparsity"], **kwargs, **dict(config.get("options") or {}))
+
     def config(self) -> dict[str, Any]:
         """JSON-able record of the method and its options (for checkpoint cards)."""
         return {
@@ -157,3 +202,10 @@ def method_class(name: str) -> type[Method]:
 def create_method(name: str, sparsity: float | str, **kwargs: Any) -> Method:
     """Build the method ``name`` at ``sparsity`` (removed fraction)."""
     return method_class(name)(sparsity, **kwargs)
+
+
+def method_from_config(config: Mapping[str, Any]) -> Method:
+    """Rebuild the method recorded in a checkpoint card's ``method`` entry."""
+    if not isinstance(config, Mapping) or "name" not in config or "sparsity" not in config:
+        raise ConfigError("the card's method entry must give at least its name and sparsity")
+    return method_class(str(config["name"])).from_config(config)
