@@ -21,7 +21,8 @@ from advprune.models import (
 from advprune.models import registry as registry_module
 
 ALL_MODELS = [
-    "digits_cnn", "resnet18", "resnet34", "resnet50", "vgg16", "vgg16_bn", "wrn28_10", "wrn28_4",
+    "cnn7", "digits_cnn", "resnet18", "resnet34", "resnet50", "vgg16", "vgg16_bn", "wrn28_10",
+    "wrn28_4",
 ]  # fmt: skip
 
 # Published / reference figures (3 input channels; 1 for digits_cnn).
@@ -34,10 +35,12 @@ PARAM_COUNTS = {
     "wrn28_10": (10, 36_479_194),  # RobustBench Standard
     "wrn28_4": (10, 5_849_050),  # formula in advprune.models.wideresnet docstring
     "digits_cnn": (10, 226_794),  # 288+64 + 18432+128 + 73728+256 + 131328 + 2570
+    "cnn7": (10, 17_192_138),  # formula in advprune.models.cnn.cnn7
 }
 
 # (first conv/linear, last conv/linear) in named_modules order.
 STEM_AND_HEAD = {
+    "cnn7": ("features.0", "classifier.3"),
     "digits_cnn": ("features.0", "classifier.2"),
     "resnet18": ("conv1", "linear"),
     "resnet34": ("conv1", "linear"),

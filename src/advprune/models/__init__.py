@@ -1,4 +1,4 @@
-"""Model zoo: CIFAR ResNets, VGG-16 variants, WideResNets and a small digits CNN.
+"""Model zoo: CIFAR ResNets, VGG-16 variants, WideResNets, CNN-7 and a small digits CNN.
 
 All models take inputs in [0, 1] and normalise them in their first module, ``normalize``::
 
@@ -7,7 +7,8 @@ All models take inputs in [0, 1] and normalise them in their first module, ``nor
                    std=(0.2471, 0.2435, 0.2616))
 """
 
-from advprune.models import resnet, small, vgg, wideresnet  # noqa: F401  (registers models)
+from advprune.models import cnn, resnet, small, vgg, wideresnet  # noqa: F401  (registers models)
+from advprune.models.cnn import CNN7
 from advprune.models.layers import Normalize
 from advprune.models.registry import (
     ModelSpec,
@@ -22,6 +23,7 @@ from advprune.models.vgg import VGG
 from advprune.models.wideresnet import WideResNet
 
 __all__ = [
+    "CNN7",
     "VGG",
     "DigitsCNN",
     "ModelSpec",
