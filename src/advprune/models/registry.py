@@ -180,6 +180,8 @@ def create(
     ``in_channels`` defaults to the model's registered input channels (3, or 1 for
     ``digits_cnn``). ``mean``/``std`` (one value, or one per channel; default identity) go into
     ``model.normalize``; other ``kwargs`` go to the factory. ``model.spec`` records the call.
+    Every model also takes the variant arguments ``bn_affine`` and ``head``
+    (:mod:`advprune.models.variants`), applied after the factory builds it.
     """
     entry = _entry(name)
     num_classes = _check_positive_int(num_classes, "num_classes")
@@ -196,8 +198,12 @@ def create(
         raise ConfigError(
             f"options for model {name!r} must be JSON-able (numbers, strings, lists), got {kwargs}"
         ) from None
+    from advprune.models.variants import VARIANT_KWARGS, apply_variant, check_variant
+
+    variant = check_variant({k: kwargs[k] for k in VARIANT_KWARGS if k in kwargs})
+    factory_kwargs = {k: v for k, v in kwargs.items() if k not in VARIANT_KWARGS}
     try:
-        inspect.signature(entry.fn).bind(num_classes, in_channels, **kwargs)
+        inspect.signature(entry.fn).bind(num_classes, in_channels, **factory_kwargs)
     except TypeError:
         params = [
             p.name
@@ -206,9 +212,10 @@ def create(
         ]
         raise ConfigError(
             f"unknown option(s) {sorted(kwargs)} for model {name!r}; "
-            f"valid options: {', '.join(params) or 'none'}"
+            f"valid options: {', '.join([*params, *VARIANT_KWARGS])}"
         ) from None
-    model = entry.fn(num_classes, in_channels, **kwargs)
+    model = entry.fn(num_classes, in_channels, **factory_kwargs)
+    apply_variant(model, name, num_classes, **variant)
     normalize = Normalize(mean_t, std_t)
     if isinstance(getattr(model, "normalize", None), Normalize):
         model.normalize = normalize  # replaces in place: stays first in module order
