@@ -20,6 +20,12 @@ from advprune.sparsity.masks import (
     topk_mask,
     unit_size,
 )
+from advprune.sparsity.allocation import (
+    ALLOCATIONS,
+    allocate,
+    check_allocation,
+    list_allocations,
+)
 from advprune.sparsity.pruning import (
     SCOPES,
     allocate_densities,
@@ -44,6 +50,7 @@ from advprune.sparsity.state import (
 )
 
 __all__ = [
+    "ALLOCATIONS",
     "GRANULARITIES",
     "SCOPES",
     "FixedMask",
@@ -51,9 +58,11 @@ __all__ = [
     "MaskBase",
     "ScoreMask",
     "SparsityReport",
+    "allocate",
     "allocate_densities",
     "attach_mask",
     "attach_scores",
+    "check_allocation",
     "compact_shape",
     "dense_weight",
     "expand_mask",
@@ -63,6 +72,7 @@ __all__ = [
     "kept_count",
     "layer_densities",
     "layer_masks",
+    "list_allocations",
     "load_dense_state_dict",
     "magnitude_importance",
     "mask_kind",
