@@ -1,5 +1,11 @@
 """Mask-based sparsity on ordinary Conv2d / Linear layers (sparsity = removed fraction)."""
 
+from advprune.sparsity.allocation import (
+    ALLOCATIONS,
+    allocate,
+    check_allocation,
+    list_allocations,
+)
 from advprune.sparsity.masks import (
     GRANULARITIES,
     FixedMask,
@@ -19,12 +25,6 @@ from advprune.sparsity.masks import (
     straight_through_topk,
     topk_mask,
     unit_size,
-)
-from advprune.sparsity.allocation import (
-    ALLOCATIONS,
-    allocate,
-    check_allocation,
-    list_allocations,
 )
 from advprune.sparsity.pruning import (
     SCOPES,
