@@ -1,6 +1,8 @@
 """Gradient attacks on classifiers with inputs in [0, 1]: PGD (Madry et al. 2018) and FGSM-RS
-(Wong et al. 2020), for the L∞ and L2 norms. eps is always in input units."""
+(Wong et al. 2020), for the L∞ and L2 norms, and the minimum-norm FMN (Pintor et al. 2021) for
+L0, L1, L2 and L∞. eps is always in input units."""
 
+from advprune.attacks.fmn import FMN, FMNResult
 from advprune.attacks.pgd import (
     FGSM,
     MODEL_MODES,
@@ -18,8 +20,10 @@ from advprune.attacks.pgd import (
 
 __all__ = [
     "FGSM",
+    "FMN",
     "MODEL_MODES",
     "PGD",
+    "FMNResult",
     "LossFn",
     "check_model_mode",
     "check_step_size",
