@@ -28,6 +28,7 @@ TINY = [
     "--no-progress", "--val-fraction", "0.1",
 ]  # fmt: skip
 EVAL = ["--eval-steps", "2", "--n", "40", "--batch-size", "128", "--no-progress"]
+EVAL_PGD = ["--attacks", "pgd", *EVAL]  # `advprune eval` with the quick PGD attack only
 SPARSITY = 0.9
 MODEL = "model.safetensors"
 
@@ -105,7 +106,7 @@ def chain(tmp_path_factory) -> dict:
     )
     res["ft"] = root / "ft" / MODEL
     res["eval"] = json.loads(
-        ok(["eval", "--checkpoint", res["ft"], "--eps", "1/8", *EVAL, "--json"])
+        ok(["eval", "--checkpoint", res["ft"], "--eps", "1/8", *EVAL_PGD, "--json"])
     )
     res["info_dense"] = info_json(res["dense"])
     res["info_pruned"] = info_json(res["pruned"])
@@ -193,25 +194,28 @@ def test_eval_json(chain):
     m = chain["eval"]
     assert 0.0 <= m["robust_accuracy"] <= m["clean_accuracy"] <= 1.0
     assert m["eps"] == "1/8" and m["eps_value"] == 0.125 and m["norm"] == "linf"
-    assert m["n"] == 40 and m["attack"].startswith("PGD-2 ")
-    assert m["measured_sparsity"] == pytest.approx(SPARSITY, abs=1e-3)
-    assert m["checkpoint"] == str(chain["ft"])
+    (entry,) = m["entries"]
+    assert m["n"] == 40 and entry["name"] == "pgd" and entry["config"]["steps"] == 2
+    assert entry["robust_accuracy"] == m["robust_accuracy"]
+    assert m["model"]["measured_sparsity"] == pytest.approx(SPARSITY, abs=1e-3)
+    assert m["model"]["checkpoint"] == str(chain["ft"])
 
 
 def test_eval_text(chain, capsys):
-    assert main(["eval", "--checkpoint", str(chain["ft"]), "--eps", "8/255", *EVAL]) == 0
+    assert main(["eval", "--checkpoint", str(chain["ft"]), "--eps", "8/255", *EVAL_PGD]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("eval: clean ") and "eps 8/255, n=40" in out
-    assert "sparsity 0.9000" in out
+    assert "digits n=40, linf eps 8/255" in out.splitlines()[0]
+    assert "sparsity 0.9000" in out and "pgd" in out
 
 
 def test_eval_eps_fraction_exact(chain, tmp_path):
-    m = json.loads(ok(["eval", "--checkpoint", chain["dense"], "--eps", "8/255", *EVAL, "--json"]))
+    argv = ["eval", "--checkpoint", chain["dense"], "--eps", "8/255", *EVAL_PGD, "--json"]
+    m = json.loads(ok(argv))
     assert m["eps"] == "8/255" and m["eps_value"] == 8 / 255
     assert m["clean_accuracy"] > 0.5  # one epoch of dense training is far above chance (10 %)
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(f"eps: 8/255\ncheckpoint: {chain['dense']}\n")
-    m = json.loads(ok(["eval", "--config", cfg, *EVAL, "--json"]))
+    m = json.loads(ok(["eval", "--config", cfg, *EVAL_PGD, "--json"]))
     assert m["eps"] == "8/255" and m["eps_value"] == 8 / 255
 
 

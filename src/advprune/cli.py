@@ -1,7 +1,7 @@
 """The ``advprune`` command line.
 
 Commands: ``train`` (dense, adversarial or natural), ``prune`` (apply a method to a
-checkpoint), ``finetune`` (train a pruned checkpoint), ``eval`` (clean and PGD accuracy),
+checkpoint), ``finetune`` (train a pruned checkpoint), ``eval`` (AutoAttack, HO-FMN, PGD),
 ``info`` (checkpoint card and measured sparsity), ``methods``, ``quickstart``.
 
 Settings come from ``--config FILE.yaml`` and are overridden by the flags given explicitly;
@@ -107,6 +107,38 @@ def _option(text: str) -> tuple[str, Any]:
     return key.strip(), parsed
 
 
+_EVAL_ONLY = (
+    "checkpoint_path",
+    "attacks",
+    "aa_version",
+    "fmn_steps",
+    "hofmn_trials",
+    "hofmn_tune_steps",
+    "hofmn_tune_batch",
+    "check_n",
+)
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    """Flags of ``eval`` only (not RunConfig settings); every default is None."""
+    g = p.add_argument_group("evaluation (--eval-steps: PGD steps; --out DIR: write and resume)")
+    g.add_argument(
+        "--attacks",
+        help="comma-separated, in order: autoattack,hofmn (default), fmn, pgd, or one "
+        "AutoAttack attack alone: apgd-ce, apgd-t, fab-t, square, apgd-dlr, fab",
+    )
+    g.add_argument("--aa-version", dest="aa_version", help="standard (default), plus, rand")
+    g.add_argument("--fmn-steps", dest="fmn_steps", type=int, help="FMN / HO-FMN steps (200)")
+    g.add_argument("--hofmn-trials", dest="hofmn_trials", type=int, help="tuning trials (32)")
+    g.add_argument(
+        "--hofmn-tune-steps", dest="hofmn_tune_steps", type=int, help="FMN steps per trial (100)"
+    )
+    g.add_argument(
+        "--hofmn-tune-batch", dest="hofmn_tune_batch", type=int, help="trial batch size (64)"
+    )
+    g.add_argument("--check-n", dest="check_n", type=int, help="points of the PGD probe (256)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``advprune``."""
     from advprune import __version__
@@ -138,9 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="pruned checkpoint (required)")
     _add_common(p, training=True)
 
-    p = sub.add_parser("eval", help="clean and PGD robust accuracy of a checkpoint")
-    p.add_argument("--checkpoint", help="checkpoint to evaluate (required)")
-    p.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
+    p = sub.add_parser(
+        "eval",
+        help="robustness evaluation: AutoAttack, HO-FMN distances, security curve, checks",
+    )
+    p.add_argument(
+        "checkpoint_path", nargs="?", metavar="CHECKPOINT", help="checkpoint to evaluate"
+    )
+    p.add_argument("--checkpoint", help="the same as CHECKPOINT")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print the report as JSON")
+    _add_eval(p)
     _add_common(p, training=False)
 
     p = sub.add_parser("info", help="show a checkpoint's card and measured sparsity")
@@ -248,17 +287,55 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from advprune import workflow as wf
+    from advprune.evaluation import DEFAULT_ATTACKS, evaluate, parse_attacks
+    from advprune.sparsity import sparsity_report
 
-    cfg = _run_config(args)
+    extra = {k: getattr(args, k) for k in _EVAL_ONLY}
+    rest = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in _EVAL_ONLY})
+    path = extra.pop("checkpoint_path")
+    if path is not None:
+        if rest.checkpoint is not None and rest.checkpoint != path:
+            raise AdvpruneError(
+                f"two checkpoints given ({path} and --checkpoint {rest.checkpoint})"
+            )
+        rest.checkpoint = path
+    cfg = _run_config(rest)
     _require_checkpoint(cfg, "eval")
+    attacks = parse_attacks(extra.pop("attacks") or ",".join(DEFAULT_ATTACKS))
+    options = {k: v for k, v in extra.items() if v is not None}
     data = wf.prepare_data(cfg, with_val=False)
-    model, _ = wf.build_model(cfg, data)
-    metrics = wf.evaluate(cfg, data, model)
-    metrics["checkpoint"] = cfg.checkpoint
+    model, card = wf.build_model(cfg, data)
+    shape = tuple(data.splits.info.input_shape)
+    model_info = {
+        "name": model.spec.name,
+        "checkpoint": str(cfg.checkpoint),
+        "checkpoint_sha256": (card.get("tensors") or {}).get("sha256") if card else None,
+        "method": (card.get("method") or {}).get("name") if card else None,
+        "measured_sparsity": sparsity_report(model, shape).sparsity,
+    }
+    out = cfg.out if "out" in cfg.model_fields_set else None
+    report = evaluate(
+        model,
+        data.splits,
+        eps=cfg.eps_text(),
+        norm=cfg.norm,
+        attacks=attacks,
+        n=cfg.n,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        pgd_steps=cfg.eval_steps,
+        out=out,
+        device=wf.resolve_device(cfg.device),
+        progress=cfg.progress,
+        model_info=model_info,
+        **options,
+    )
     if args.as_json:
-        _print_json(metrics)
+        _print_json(report.to_dict())
     else:
-        _print_summary("eval", Path(cfg.checkpoint), metrics)
+        print(report.format())
+        if out is not None:
+            print(f"wrote {Path(out) / 'report.json'}, per_sample.npz and the security curve")
     return 0
 
 

@@ -1,0 +1,764 @@
+"""``evaluate(model, data, ...) -> Report``: the evaluation protocol, resumable per batch.
+
+Order of work: validate every setting and the data (inputs in [0, 1], non-empty), run a clean
+pass over the evaluation set that also validates the model's outputs, measures input
+gradients and checks determinism, and only then run attacks. Each attack runs batch by batch;
+every finished batch is written atomically to ``OUT/batches/`` and each batch's attack is
+seeded from ``(seed, attack, batch index)``, so a killed run, rerun with the same command,
+continues where it stopped and ends with the same numbers as an uninterrupted run. A folder
+holding a run with other settings (or another model, or other data) is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from advprune._validation import check_eps, check_norm, check_unit_range
+from advprune.attacks.fmn import FMN, lp_distance
+from advprune.attacks.pgd import PGD, check_steps, model_mode_scope
+from advprune.checkpoint import atomic_path, write_json_atomic
+from advprune.errors import ConfigError, DataError, UnknownNameError
+from advprune.evaluation.autoattack import (
+    AA_ATTACKS,
+    AA_VERSIONS,
+    WHITE_BOX,
+    autoattack_attacks,
+    ball_tolerance,
+    run_autoattack,
+)
+from advprune.evaluation.checks import (
+    SQUARE_THRESHOLD,
+    forward_checks,
+    improvement_flag,
+    model_flags,
+    probe_flags,
+    run_probe,
+)
+from advprune.evaluation.curve import default_eps_grid, plot_security_curve, security_curve
+from advprune.evaluation.hofmn import SEARCH_SPACE, tune_fmn
+from advprune.evaluation.report import Entry, Flag, Report
+
+__all__ = ["ATTACK_NAMES", "DEFAULT_ATTACKS", "evaluate", "parse_attacks"]
+
+DEFAULT_ATTACKS = ("autoattack", "hofmn")
+ATTACK_NAMES: tuple[str, ...] = ("autoattack", "hofmn", "fmn", "pgd", *AA_ATTACKS)
+MIN_NORM = ("hofmn", "fmn")
+
+RUN_FILE = "eval_run.json"
+REPORT_FILE = "report.json"
+SAMPLES_FILE = "per_sample.npz"
+CURVE_FILE = "security_curve"  # .png and .svg
+STUDY_FILE = "hofmn_study.json"
+TUNED_FILE = "hofmn_config.json"
+
+
+def parse_attacks(attacks: str | Sequence[str]) -> tuple[str, ...]:
+    """``"autoattack,hofmn"`` or a sequence -> validated, de-duplicated names in order."""
+    items = attacks.split(",") if isinstance(attacks, str) else list(attacks)
+    names: list[str] = []
+    for item in items:
+        name = str(item).strip().lower()
+        if not name:
+            continue
+        if name not in ATTACK_NAMES:
+            raise UnknownNameError("attack", name, ATTACK_NAMES)
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ConfigError(f"no attack given; valid attacks: {', '.join(ATTACK_NAMES)}")
+    return tuple(names)
+
+
+def _positive(name: str, value: Any) -> int:
+    return check_steps(value, name)
+
+
+# ------------------------------------------------------------------------------ data
+
+
+@dataclass
+class _EvalData:
+    x: Tensor  # (n, ...) on CPU, in [0, 1]
+    y: Tensor  # (n,) int64
+    tune: Any  # dataset or (x, y) used by HO-FMN, or None
+    name: str | None
+    num_classes: int | None
+
+
+def _stack(dataset: Any, n: int | None, batch_size: int) -> tuple[Tensor, Tensor]:
+    total = len(dataset)
+    count = total if n is None else min(n, total)
+    if count == 0:
+        raise ConfigError("the evaluation set is empty")
+    xs, ys = [], []
+    for lo in range(0, count, batch_size):
+        items = [dataset[i] for i in range(lo, min(lo + batch_size, count))]
+        x = torch.stack([torch.as_tensor(it[0]) for it in items]).float()
+        check_unit_range(x, "evaluation inputs")
+        xs.append(x)
+        ys.append(torch.as_tensor([int(it[1]) for it in items], dtype=torch.long))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _eval_data(data: Any, tune_data: Any, n: int | None, batch_size: int) -> _EvalData:
+    from advprune.data import DataSplits, load_dataset
+
+    if isinstance(data, str):
+        data = load_dataset(data)
+    if isinstance(data, DataSplits):
+        x, y = _stack(data.test, n, batch_size)
+        tune = tune_data if tune_data is not None else data.train
+        return _EvalData(x, y, tune, data.info.name, data.info.num_classes)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
+        x, y = data
+        if x.shape[0] == 0:
+            raise ConfigError("the evaluation set is empty")
+        if n is not None:
+            x, y = x[:n], y[:n]
+        y = torch.as_tensor(y, dtype=torch.long)
+        if y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise DataError(f"labels must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+        check_unit_range(x, "evaluation inputs")
+        return _EvalData(x.detach().float().cpu(), y.cpu(), tune_data, None, None)
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+        x, y = _stack(data, n, batch_size)
+        return _EvalData(x, y, tune_data, None, None)
+    raise ConfigError(
+        f"data must be a dataset name, DataSplits, a dataset or an (x, y) pair of tensors, "
+        f"not {type(data).__name__}"
+    )
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _batch_seed(seed: int, name: str, batch: int) -> int:
+    """A seed for batch ``batch`` of attack ``name`` that depends on nothing else."""
+    crc = zlib.crc32(name.encode())
+    return int(np.random.SeedSequence([seed, crc, batch]).generate_state(1)[0])
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _state_sha256(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        if isinstance(value, Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _tensor_sha256(*tensors: Tensor) -> str:
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import matplotlib
+    import optuna
+    import pyautoattack
+
+    from advprune import __version__
+
+    return {
+        "advprune": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "pyautoattack": getattr(pyautoattack, "__version__", "unknown"),
+        "optuna": optuna.__version__,
+        "matplotlib": matplotlib.__version__,
+    }
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+# ------------------------------------------------------------------------------ attacks
+
+
+class _Attack:
+    """One attack of the protocol, run batch by batch (see :func:`evaluate`)."""
+
+    name: str
+    min_norm = False
+
+    def config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def run_batch(self, model: nn.Module, x: Tensor, y: Tensor, seed: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class _AutoAttack(_Attack):
+    def __init__(self, name: str, eps: float, norm: str, version: str) -> None:
+        self.name, self.eps, self.norm, self.version = name, eps, norm, version
+        self.attacks = autoattack_attacks(version, None if name == "autoattack" else [name])
+
+    def config(self) -> dict[str, Any]:
+        import pyautoattack
+
+        return {
+            "name": self.name,
+            "library": f"pyautoattack {getattr(pyautoattack, '__version__', '?')}",
+            "version": self.version if self.name == "autoattack" else f"{self.version} settings",
+            "attacks": self.attacks,
+            "eps": self.eps,
+            "norm": self.norm,
+        }
+
+    def run_batch(self, model: nn.Module, x: Tensor, y: Tensor, seed: int) -> dict[str, Any]:
+        r = run_autoattack(
+            model, x, y, eps=self.eps, norm=self.norm, version=self.version,
+            attacks=self.attacks, seed=seed,
+        )  # fmt: skip
+        dist = lp_distance(r.x_adv - x, self.norm)
+        return {
+            "success": _np(r.success),
+            "distance": _np(torch.where(r.success, dist, math.inf)),
+            "own_success": _np(r.own_success),
+            "first_attack": _np(r.first_attack),
+            "outside_ball": _np(r.outside_ball),
+            "warnings": np.asarray(r.warnings, dtype=str),
+        }
+
+
+class _PGDAttack(_Attack):
+    name = "pgd"
+
+    def __init__(self, eps: float, norm: str, steps: int) -> None:
+        self.attack = PGD(eps=eps, steps=steps, norm=norm, model_mode="eval")
+
+    def config(self) -> dict[str, Any]:
+        return self.attack.config()
+
+    def run_batch(self, model: nn.Module, x: Tensor, y: Tensor, seed: int) -> dict[str, Any]:
+        torch.manual_seed(seed)
+        x_adv = self.attack(model, x, y)
+        with torch.no_grad():
+            correct = model(x).argmax(1) == y
+            broken = correct & (model(x_adv).argmax(1) != y)
+        dist = lp_distance(x_adv - x, self.attack.norm)
+        return {"success": _np(broken), "distance": _np(torch.where(broken, dist, math.inf))}
+
+
+class _FMNAttack(_Attack):
+    min_norm = True
+
+    def __init__(self, name: str, eps: float, config: dict[str, Any]) -> None:
+        self.name, self.eps = name, eps
+        self.attack = FMN.from_config(config)
+        self.tuning: dict[str, Any] | None = None
+
+    def config(self) -> dict[str, Any]:
+        cfg = self.attack.config()
+        if self.tuning is not None:
+            cfg["tuning"] = self.tuning
+        return cfg
+
+    def run_batch(self, model: nn.Module, x: Tensor, y: Tensor, seed: int) -> dict[str, Any]:
+        r = self.attack.run(model, x, y)
+        with torch.no_grad():
+            still = model(r.x_adv).argmax(1) != y
+        found = r.success
+        mismatch = found & ~still
+        distance = torch.where(mismatch, math.inf, r.distance)
+        hist = r.best_history.double()
+        steps = hist.shape[0] - 1
+        finite = torch.isfinite(hist)
+        first_step = torch.where(finite.any(0), finite.double().argmax(0), steps)
+        d_first = hist.gather(0, first_step.clamp(max=steps).unsqueeze(0)).squeeze(0)
+        d_90 = hist[int(0.9 * steps)]
+        return {
+            "success": _np(distance <= self.eps),
+            "distance": _np(distance),
+            "recheck_mismatch": _np(mismatch),
+            "distance_first": _np(d_first),
+            "distance_90": _np(torch.where(torch.isfinite(d_90), d_90, d_first)),
+        }
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def _check_same_run(out: Path, record: dict[str, Any]) -> None:
+    path = out / RUN_FILE
+    if not path.exists():
+        if (out / "batches").exists() or (out / STUDY_FILE).exists():
+            raise ConfigError(
+                f"{out} holds evaluation results without {RUN_FILE}; pass a new --out folder"
+            )
+        return
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"{path} is unreadable; pass a new --out folder") from None
+    changed = sorted(k for k in set(before) | set(record) if before.get(k) != record.get(k))
+    if changed:
+        raise ConfigError(
+            f"{out} holds an evaluation with other settings ({', '.join(changed)} differ); "
+            "rerun with the same settings to resume it, or pass a new --out folder"
+        )
+
+
+def _run_attack(
+    attack: _Attack,
+    model: nn.Module,
+    data: _EvalData,
+    *,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    out: Path | None,
+    progress: bool,
+    after_batch: Callable[[str, int], None] | None,
+) -> tuple[dict[str, np.ndarray], float]:
+    n = data.x.shape[0]
+    parts: list[dict[str, np.ndarray]] = []
+    seconds = 0.0
+    starts = range(0, n, batch_size)
+    devices = [device] if device.type == "cuda" else []
+    for b, lo in enumerate(tqdm(starts, desc=attack.name, disable=not progress, leave=False)):
+        hi = min(lo + batch_size, n)
+        path = out / "batches" / f"{attack.name}_{b:05d}.npz" if out is not None else None
+        if path is not None and path.exists():
+            arrays = _load_npz(path)
+        else:
+            x, y = data.x[lo:hi].to(device), data.y[lo:hi].to(device)
+            t0 = time.perf_counter()
+            with torch.random.fork_rng(devices=devices):
+                arrays = attack.run_batch(model, x, y, _batch_seed(seed, attack.name, b))
+            arrays["seconds"] = np.asarray(time.perf_counter() - t0)
+            if path is not None:
+                _save_npz(path, arrays)
+        seconds += float(arrays.pop("seconds"))
+        parts.append(arrays)
+        if after_batch is not None:
+            after_batch(attack.name, b)
+    merged: dict[str, np.ndarray] = {}
+    for key in parts[0]:
+        if parts[0][key].ndim == 0 or key == "warnings":
+            values = sorted({str(v) for p in parts for v in np.atleast_1d(p[key])})
+            merged[key] = np.asarray(values, dtype=str)
+        else:
+            merged[key] = np.concatenate([p[key] for p in parts])
+    return merged, seconds
+
+
+def evaluate(
+    model: nn.Module,
+    data: Any,
+    *,
+    eps: str | float,
+    norm: str = "linf",
+    attacks: str | Sequence[str] = DEFAULT_ATTACKS,
+    n: int | None = None,
+    batch_size: int = 128,
+    seed: int = 0,
+    aa_version: str = "standard",
+    pgd_steps: int = 20,
+    fmn_steps: int = 200,
+    hofmn_trials: int = 32,
+    hofmn_tune_steps: int = 100,
+    hofmn_tune_batch: int = 64,
+    check_n: int = 256,
+    probe_steps: int = 50,
+    curve_points: int = 101,
+    tune_data: Any = None,
+    out: str | Path | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    model_info: dict[str, Any] | None = None,
+    after_batch: Callable[[str, int], None] | None = None,
+) -> Report:
+    """Evaluate the robustness of ``model`` (any ``nn.Module`` on inputs in [0, 1]).
+
+    Args:
+        model: classifier returning logits (N, classes); evaluated in eval mode (restored).
+        data: a dataset name (``"digits"``), a :class:`~advprune.data.DataSplits` (its test
+            split is evaluated, its train split tunes HO-FMN), a dataset of ``(x, label)``
+            pairs, or an ``(x, y)`` pair of tensors.
+        eps: radius in input units, exact fractions accepted (``"8/255"``); > 0.
+        norm: ``"linf"`` or ``"l2"``.
+        attacks: names, in order (see :data:`ATTACK_NAMES`): ``autoattack`` (the
+            ``aa_version``), ``hofmn`` (tuned FMN), ``fmn`` (FMN with default settings),
+            ``pgd`` (``pgd_steps`` steps), or one AutoAttack attack alone (``apgd-ce``,
+            ``apgd-t``, ``fab-t``, ``square``, ``apgd-dlr``, ``fab``).
+        n: evaluate the first ``n`` samples only (default: all).
+        batch_size: samples per attack batch (and per saved progress file).
+        seed: seeds every attack; batch ``b`` of attack ``a`` is seeded from ``(seed, a, b)``.
+        aa_version: ``"standard"``, ``"plus"`` or ``"rand"``.
+        fmn_steps: FMN / tuned-FMN steps on the evaluation set (HO-FMN: 200).
+        hofmn_trials, hofmn_tune_steps, hofmn_tune_batch: HO-FMN tuning: trials, FMN steps per
+            trial and the size of each trial's fresh batch from the tuning split.
+        check_n, probe_steps: points and steps of the PGD probe of the failure checks.
+        curve_points: points of the security-curve grid on [0, 2 eps] (eps itself included).
+        tune_data: tuning split for HO-FMN (a dataset or ``(x, y)``) when ``data`` has none.
+        out: folder for ``report.json``, ``per_sample.npz``, ``security_curve.png/.svg``, the
+            HO-FMN study and per-batch progress (resumable); ``None`` writes nothing.
+        device: where to run (default: the model's device).
+        progress: show tqdm progress bars.
+        model_info: extra description of the model recorded in the report (e.g. checkpoint).
+        after_batch: ``after_batch(attack, batch)`` after each batch is saved (for tests).
+
+    Returns:
+        The :class:`Report`; ``report.samples`` holds the per-sample arrays: ``index``,
+        ``label``, ``clean_pred``, ``clean_correct``, ``robust`` (worst case) and per attack
+        ``success_<name>`` (broken at eps) and ``distance_<name>`` (norm of the adversarial
+        example found; minimum-norm attacks: the minimum distance, 0 where the clean
+        prediction is wrong, ``inf`` where the attack failed).
+    """
+    # ---- settings (all validated before any data is read or attack runs)
+    norm = check_norm(norm)
+    eps_value = check_eps(eps, norm)
+    if eps_value <= 0:
+        raise ConfigError(f"eps must be > 0 for an evaluation, got {eps!r}")
+    names = parse_attacks(attacks)
+    if aa_version not in AA_VERSIONS:
+        raise UnknownNameError("AutoAttack version", str(aa_version), AA_VERSIONS)
+    if n is not None:
+        n = _positive("n", n)
+    batch_size = _positive("batch_size", batch_size)
+    for key, value in (
+        ("pgd_steps", pgd_steps), ("fmn_steps", fmn_steps), ("hofmn_trials", hofmn_trials),
+        ("hofmn_tune_steps", hofmn_tune_steps), ("hofmn_tune_batch", hofmn_tune_batch),
+        ("check_n", check_n), ("probe_steps", probe_steps), ("curve_points", curve_points),
+    ):  # fmt: skip
+        _positive(key, value)
+    eps_text = str(eps).strip() if isinstance(eps, str) else repr(eps_value)
+    settings = {
+        "attacks": list(names), "eps": eps_text, "eps_value": eps_value, "norm": norm, "n": n,
+        "batch_size": batch_size, "seed": int(seed), "aa_version": aa_version,
+        "pgd_steps": pgd_steps, "fmn_steps": fmn_steps, "hofmn_trials": hofmn_trials,
+        "hofmn_tune_steps": hofmn_tune_steps, "hofmn_tune_batch": hofmn_tune_batch,
+        "check_n": check_n, "probe_steps": probe_steps, "curve_points": curve_points,
+    }  # fmt: skip
+    device = torch.device(device) if device is not None else _model_device(model)
+    model = model.to(device)
+    out_path = Path(out) if out is not None else None
+
+    # ---- data
+    ev = _eval_data(data, tune_data, n, batch_size)
+    if "hofmn" in names and ev.tune is None:
+        raise ConfigError(
+            "HO-FMN needs a tuning split apart from the evaluation points: pass a DataSplits or "
+            "dataset name as data, or tune_data="
+        )
+    total = ev.x.shape[0]
+
+    with model_mode_scope(model, "eval"):
+        # ---- clean pass: output shape, labels, gradients, determinism (before any attack)
+        preds, grad_norms, change = [], [], 0.0
+        for lo in tqdm(
+            range(0, total, batch_size), desc="clean", disable=not progress, leave=False
+        ):
+            x = ev.x[lo : lo + batch_size].to(device)
+            y = ev.y[lo : lo + batch_size].to(device)
+            bc = forward_checks(model, x, y, ev.num_classes)
+            preds.append(_np(bc.logits.argmax(1)))
+            grad_norms.append(_np(bc.grad_norm))
+            change = max(change, bc.output_change)
+        clean_pred = np.concatenate(preds)
+        labels = _np(ev.y)
+        correct = clean_pred == labels
+
+        record = {
+            "settings": settings,
+            "model_sha256": _state_sha256(model),
+            "data": {"name": ev.name, "n": total, "sha256": _tensor_sha256(ev.x, ev.y)},
+        }
+        if out_path is not None:
+            _check_same_run(out_path, record)
+            write_json_atomic(out_path / RUN_FILE, record)
+
+        # ---- failure-check probe (seeded; deterministic: PGD from x)
+        k = min(check_n, total)
+        probe = run_probe(
+            model, ev.x[:k].to(device), ev.y[:k].to(device), eps=eps_value, norm=norm,
+            steps=probe_steps,
+        )  # fmt: skip
+        flags = model_flags(np.concatenate(grad_norms), change) + probe_flags(probe)
+
+        # ---- attacks
+        samples: dict[str, np.ndarray] = {
+            "index": np.arange(total),
+            "label": labels,
+            "clean_pred": clean_pred,
+            "clean_correct": correct,
+        }
+        entries: list[Entry] = []
+        for name in names:
+            entry, arrays = _run_named(
+                name, model, ev, settings, device=device, out=out_path, progress=progress,
+                correct=correct, after_batch=after_batch,
+            )  # fmt: skip
+            entries.append(entry)
+            samples.update(arrays)
+
+    # ---- aggregate
+    broken = np.zeros(total, dtype=bool)
+    for name in names:
+        broken |= samples[f"success_{name}"]
+    robust = correct & ~broken
+    samples["robust"] = robust
+    curve = None
+    curve_source = next((m for m in names if m in MIN_NORM), None)
+    if curve_source is not None:
+        grid = default_eps_grid(eps_value, curve_points)
+        acc = security_curve(samples[f"distance_{curve_source}"], grid)
+        curve = {
+            "attack": curve_source,
+            "eps": grid.tolist(),
+            "robust_accuracy": acc.tolist(),
+            "robust_accuracy_at_eps": float(acc[grid == eps_value][0]),
+        }
+    info = {"class": type(model).__name__, "state_sha256": record["model_sha256"]}
+    info.update(model_info or {})
+    report = Report(
+        n=total,
+        clean_accuracy=float(correct.mean()),
+        robust_accuracy=float(robust.mean()),
+        eps=eps_text,
+        eps_value=eps_value,
+        norm=norm,
+        entries=entries,
+        flags=flags,
+        curve=curve,
+        dataset=ev.name,
+        model=info,
+        settings={
+            **settings,
+            "probe": {"eps": probe.eps, "robust_accuracy": probe.robust_accuracy},
+        },
+        versions=_versions(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        samples=samples,
+    )
+    if out_path is not None:
+        _write_outputs(report, out_path, names)
+    return report
+
+
+def _run_named(
+    name: str,
+    model: nn.Module,
+    ev: _EvalData,
+    settings: dict[str, Any],
+    *,
+    device: torch.device,
+    out: Path | None,
+    progress: bool,
+    correct: np.ndarray,
+    after_batch: Callable[[str, int], None] | None,
+) -> tuple[Entry, dict[str, np.ndarray]]:
+    """Run attack ``name`` over the evaluation set; its entry and per-sample arrays."""
+    eps, norm = settings["eps_value"], settings["norm"]
+    tuning_seconds = 0.0
+    attack: _Attack
+    if name == "pgd":
+        attack = _PGDAttack(eps, norm, settings["pgd_steps"])
+    elif name == "fmn":
+        attack = _FMNAttack(name, eps, FMN(norm=norm, steps=settings["fmn_steps"]).config())
+    elif name == "hofmn":
+        result = tune_fmn(
+            model, ev.tune, norm=norm, trials=settings["hofmn_trials"],
+            steps=settings["hofmn_tune_steps"], batch_size=settings["hofmn_tune_batch"],
+            seed=settings["seed"], study_path=out / STUDY_FILE if out is not None else None,
+            progress=progress, device=device,
+            on_trial=(lambda k: after_batch("hofmn-tuning", k)) if after_batch else None,
+        )  # fmt: skip
+        tuned = result.config(norm=norm, steps=settings["fmn_steps"])
+        tuning_seconds = result.seconds
+        attack = _FMNAttack(name, eps, tuned)
+        attack.tuning = {
+            "trials": settings["hofmn_trials"],
+            "steps": settings["hofmn_tune_steps"],
+            "batch_size": settings["hofmn_tune_batch"],
+            "objective": "median distance over the batch's correct points, failures +inf",
+            "best_trial": result.best_trial,
+            "best_value": result.best_value,
+            "search_space": SEARCH_SPACE,
+            "seconds": tuning_seconds,
+        }
+        if out is not None:
+            write_json_atomic(out / TUNED_FILE, attack.config())
+    else:
+        attack = _AutoAttack(name, eps, norm, settings["aa_version"])
+    arrays, seconds = _run_attack(
+        attack, model, ev, batch_size=settings["batch_size"], seed=settings["seed"],
+        device=device, out=out, progress=progress, after_batch=after_batch,
+    )  # fmt: skip
+    success = arrays["success"] & correct
+    distance = np.where(correct, arrays["distance"], 0.0)
+    per_sample = {f"success_{name}": success, f"distance_{name}": distance}
+    flags: list[Flag] = []
+    details: dict[str, Any] = {"broken": int(success.sum())}
+    if attack.min_norm:
+        robust_acc = float((distance > eps).mean())
+        per_sample[f"recheck_mismatch_{name}"] = arrays["recheck_mismatch"]
+        flags += _min_norm_flags(name, arrays, correct, distance)
+        found = distance[correct]
+        details.update(
+            median_distance=float(np.median(found)) if found.size else math.inf,
+            success_rate=float(np.isfinite(found).mean()) if found.size else 1.0,
+        )
+    else:
+        robust_acc = float((correct & ~success).mean())
+    if isinstance(attack, _AutoAttack):
+        flags += _autoattack_flags(name, attack.attacks, arrays, correct, per_sample, details)
+    entry = Entry(
+        name=name,
+        kind="empirical",
+        config=attack.config(),
+        seconds=seconds + tuning_seconds,
+        robust_accuracy=robust_acc,
+        flags=flags,
+        details=details,
+    )
+    return entry, per_sample
+
+
+def _min_norm_flags(
+    name: str, arrays: dict[str, np.ndarray], correct: np.ndarray, distance: np.ndarray
+) -> list[Flag]:
+    flags = []
+    failed = int((correct & ~np.isfinite(distance)).sum())
+    if failed:
+        flags.append(
+            Flag(
+                "unbounded_attack_failed",
+                f"the minimum-norm attack found no adversarial example for {failed} of "
+                f"{int(correct.sum())} correctly classified points",
+                name,
+            )
+        )
+    mismatch = int(arrays["recheck_mismatch"].sum())
+    if mismatch:
+        flags.append(
+            Flag(
+                "recheck_mismatch",
+                f"{mismatch} adversarial examples were not misclassified on re-check",
+                name,
+            )
+        )
+    ok = correct & np.isfinite(distance)
+    total = float((arrays["distance_first"][ok] - distance[ok]).sum())
+    late = float((arrays["distance_90"][ok] - distance[ok]).sum())
+    flag = improvement_flag(total, late, name="distance_not_converged", what="the distances")
+    if flag:
+        flags.append(Flag(flag.name, flag.message, name))
+    return flags
+
+
+def _autoattack_flags(
+    name: str,
+    order: list[str],
+    arrays: dict[str, np.ndarray],
+    correct: np.ndarray,
+    per_sample: dict[str, np.ndarray],
+    details: dict[str, Any],
+) -> list[Flag]:
+    n = correct.size
+    first = np.where(correct, arrays["first_attack"], -1)
+    own = arrays["own_success"] & correct
+    outside = arrays["outside_ball"] & correct
+    per_sample[f"{name}_first_attack"] = first
+    per_sample[f"{name}_own_success"] = own
+    per_sample[f"{name}_outside_ball"] = outside
+    per_sample[f"{name}_attacks"] = np.asarray(order, dtype=str)
+    after = {"clean": float(correct.mean())}
+    remaining = correct.copy()
+    for k, attack in enumerate(order):
+        remaining &= first != k
+        after[attack] = float(remaining.mean())
+    success = per_sample[f"success_{name}"]
+    details.update(
+        robust_accuracy_after=after,
+        own_robust_accuracy=float((correct & ~own).mean()),
+        warnings=[str(w) for w in arrays["warnings"]],
+    )
+    flags = []
+    mismatch = int((own != success).sum())
+    if mismatch:
+        flags.append(
+            Flag(
+                "autoattack_count_mismatch",
+                f"AutoAttack's own verdict differs from advprune's re-check on {mismatch} points "
+                f"(robust accuracy {100 * details['own_robust_accuracy']:.2f} % by its labels, "
+                f"{100 * float((correct & ~success).mean()):.2f} % re-checked)",
+                name,
+            )
+        )
+    if outside.any():
+        flags.append(
+            Flag(
+                "adversarial_outside_ball",
+                f"{int(outside.sum())} returned points were outside the eps ball or [0, 1] "
+                f"(beyond float tolerance {ball_tolerance(1.0):.1e}); projected and re-checked",
+                name,
+            )
+        )
+    if "square" in order and any(a in WHITE_BOX for a in order[: order.index("square")]):
+        by_square = int((first == order.index("square")).sum())
+        if by_square > SQUARE_THRESHOLD * n:
+            flags.append(
+                Flag(
+                    "square_beats_whitebox",
+                    f"Square broke {by_square} points that the white-box attacks before it could "
+                    "not (gradient masking?)",
+                    name,
+                )
+            )
+    return flags
+
+
+def _write_outputs(report: Report, out: Path, names: Sequence[str]) -> None:
+    """per_sample.npz, the curve plots and report.json (last: its presence means done)."""
+    assert report.samples is not None
+    _save_npz(out / SAMPLES_FILE, report.samples)
+    report.files = {"per_sample": SAMPLES_FILE}
+    if "hofmn" in names:
+        report.files.update(hofmn_study=STUDY_FILE, hofmn_config=TUNED_FILE)
+    if report.curve is not None:
+        plot_security_curve(
+            [report],
+            [report.model.get("name") or report.model.get("class", "model")],
+            path=out / CURVE_FILE,
+            title=f"{report.dataset or 'data'}: {report.curve['attack']} security curve",
+        )
+        report.files.update(curve_png=f"{CURVE_FILE}.png", curve_svg=f"{CURVE_FILE}.svg")
+    report.save(out / REPORT_FILE)
