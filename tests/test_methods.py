@@ -18,7 +18,7 @@ def model() -> nn.Module:
 
 
 def test_registry_and_taxonomy() -> None:
-    assert "lwm" in list_methods() and list_methods("lw*") == ["lwm"]
+    assert "lwm" in list_methods() and list_methods("lw?") == ["lwm"]
     cls = method_class("lwm")
     assert cls is LWM and issubclass(cls, Method)
     t = cls.taxonomy

@@ -81,6 +81,8 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sparsity", help="removed fraction in [0, 1), e.g. 0.99")
     g.add_argument("--structure", help="unstructured (default), filters, channels")
     g.add_argument("--scope", help="local (default) or global")
+    g.add_argument("--allocation", help="layer allocation: uniform, erk, lamp, global, np")
+    g.add_argument("--allocation-p", dest="allocation_p", type=float, help="p of the np rule")
     g.add_argument("--keep-first", dest="keep_first", type=_bool, nargs="?", const=True)
     g.add_argument("--keep-last", dest="keep_last", type=_bool, nargs="?", const=True)
     g.add_argument(

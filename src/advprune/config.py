@@ -67,6 +67,8 @@ class RunConfig(BaseModel):
     sparsity: float = 0.9
     structure: str = "unstructured"
     scope: str = "local"
+    allocation: str | None = None  # layer allocation; None: the method's default
+    allocation_p: float | None = None  # p of the n^p allocation rule
     keep_first: bool = False
     keep_last: bool = False
     method_options: dict[str, Any] = {}  # the method's own options, e.g. {freeze_bn: true}

@@ -287,6 +287,8 @@ def make_method(cfg: RunConfig) -> Method:
         scope=cfg.scope,
         keep_first=cfg.keep_first,
         keep_last=cfg.keep_last,
+        allocation=cfg.allocation,
+        allocation_params={} if cfg.allocation_p is None else {"p": cfg.allocation_p},
         **cfg.method_options,
     )
 

@@ -30,6 +30,7 @@ from torch import nn
 from advprune._validation import check_sparsity
 from advprune.errors import ConfigError, UnknownNameError
 from advprune.sparsity import GRANULARITIES, SCOPES
+from advprune.sparsity.allocation import allocate, check_allocation, check_allocation_params
 from advprune.training.trainer import Regularizer
 
 PIPELINES = ("after", "before", "during")  # APB: A (post-training), B (at init), D (in training)
@@ -75,6 +76,7 @@ class Method(ABC):
     stages: ClassVar[tuple[str, ...]]
     trains: ClassVar[Mapping[str, tuple[str, ...]]]
     options: ClassVar[Mapping[str, Any]] = {}
+    default_allocation: ClassVar[str] = "uniform"  # layer allocation when none is given
     rounds: int = 1  # prune stage rounds (iterative methods override, e.g. from an option)
 
     def __init__(
@@ -87,9 +89,25 @@ class Method(ABC):
         keep_last: bool = False,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        allocation: str | None = None,
+        allocation_params: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> None:
         self.sparsity = check_sparsity(sparsity)
+        # layer allocation (advprune.sparsity.allocation); scope="global" means allocation
+        # "global", and allocation "global" means scope "global" where the method has it
+        if allocation is None:
+            allocation = "global" if scope == "global" else self.default_allocation
+        check_allocation(allocation)
+        if scope == "global" and allocation != "global":
+            raise ConfigError(
+                f"scope 'global' is allocation 'global', not {allocation!r}; "
+                "give one of them (scope local with any allocation)"
+            )
+        if allocation == "global" and "global" in self.taxonomy.scopes:
+            scope = "global"
+        self.allocation = allocation
+        self.allocation_params = check_allocation_params(allocation, allocation_params or {})
         if structure not in self.taxonomy.structures:
             raise ConfigError(
                 f"method {self.name!r} does not support structure {structure!r}; "
@@ -121,6 +139,17 @@ class Method(ABC):
         from advprune.sparsity import prunable_layers
 
         return prunable_layers(model, **self.layer_selection)
+
+    def target_densities(self, model: nn.Module, sparsity: float | None = None) -> dict[str, float]:
+        """Per-layer target densities of :meth:`layers` from this method's ``allocation`` at
+        ``sparsity`` (default: the method's target)."""
+        return allocate(
+            self.allocation,
+            self.layers(model),
+            self.sparsity if sparsity is None else sparsity,
+            granularity=self.structure,
+            **self.allocation_params,
+        )
 
     @abstractmethod
     def prune(self, model: nn.Module) -> dict[str, float]:
@@ -156,7 +185,16 @@ class Method(ABC):
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Method:
         """Rebuild a method from :meth:`config` (as stored in checkpoint cards)."""
-        keys = ("structure", "scope", "keep_first", "keep_last", "include", "exclude")
+        keys = (
+            "structure",
+            "scope",
+            "keep_first",
+            "keep_last",
+            "include",
+            "exclude",
+            "allocation",
+            "allocation_params",
+        )
         kwargs = {k: config[k] for k in keys if k in config}
         return cls(config["sparsity"], **kwargs, **dict(config.get("options") or {}))
 
@@ -167,6 +205,8 @@ class Method(ABC):
             "sparsity": self.sparsity,
             "structure": self.structure,
             "scope": self.scope,
+            "allocation": self.allocation,
+            "allocation_params": dict(self.allocation_params),
             **self.layer_selection,
             "options": dict(self.opts),
             "taxonomy": self.taxonomy.to_dict(),

@@ -1,13 +1,51 @@
-"""LWM: least-weight-magnitude pruning, one-shot, local or global (Han et al., 2015)."""
+"""LWM: least-weight-magnitude pruning (Han et al., 2015), one-shot and iterative."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from torch import nn
 
+from advprune.errors import ConfigError
 from advprune.methods.base import Method, Taxonomy, register_method
-from advprune.sparsity import prune_magnitude
+from advprune.sparsity import (
+    FixedMask,
+    attach_mask,
+    dense_weight,
+    get_mask,
+    layer_masks,
+    magnitude_importance,
+)
+
+
+def attach_magnitude_masks(
+    layers: Mapping[str, nn.Module], densities: Mapping[str, float], granularity: str
+) -> dict[str, float]:
+    """Fixed masks keeping the top ``densities[name]`` of each layer by magnitude.
+
+    Weights an earlier mask removed rank by their *masked* value (0), so they stay removed
+    unless a layer keeps more units than were left (never the case when densities shrink).
+    """
+    importance = {}
+    for name, module in layers.items():
+        weight = dense_weight(module)
+        old = get_mask(module)
+        if old is not None:
+            weight = weight * old.full_mask().to(weight.dtype)
+        importance[name] = magnitude_importance(weight, granularity)
+    masks = layer_masks(importance, densities)
+    for name, module in layers.items():
+        attach_mask(module, FixedMask(module.weight.shape, granularity, masks[name]))
+    return dict(densities)
+
+
+_LWM_TAXONOMY = dict(
+    structures=("unstructured", "filters", "channels"),
+    scopes=("local", "global"),
+    criterion="weight magnitude",
+    reference="Han et al., Learning both Weights and Connections, NeurIPS 2015",
+)
 
 
 @register_method
@@ -15,19 +53,13 @@ class LWM(Method):
     """Prune the smallest-magnitude weights (or filters / channels by mean |w|) once.
 
     Stages: ``pretrain`` (dense weights train) -> ``prune`` (fixed magnitude masks, no
-    training) -> ``finetune`` (surviving weights train, masks fixed). ``scope="local"`` prunes
-    every layer to the target; ``"global"`` ranks all units together.
+    training) -> ``finetune`` (surviving weights train, masks fixed). The per-layer densities
+    come from the ``allocation`` (default ``uniform``: every layer at the target;
+    ``scope="global"`` is allocation ``global``: one ranking of all units).
     """
 
     name: ClassVar[str] = "lwm"
-    taxonomy: ClassVar[Taxonomy] = Taxonomy(
-        pipeline="after",
-        schedule="one-shot",
-        structures=("unstructured", "filters", "channels"),
-        scopes=("local", "global"),
-        criterion="weight magnitude",
-        reference="Han et al., Learning both Weights and Connections, NeurIPS 2015",
-    )
+    taxonomy: ClassVar[Taxonomy] = Taxonomy(pipeline="after", schedule="one-shot", **_LWM_TAXONOMY)
     stages: ClassVar[tuple[str, ...]] = ("pretrain", "prune", "finetune")
     trains: ClassVar[dict[str, tuple[str, ...]]] = {
         "pretrain": ("weights", "bn"),
@@ -35,10 +67,58 @@ class LWM(Method):
     }
 
     def prune(self, model: nn.Module) -> dict[str, float]:
-        return prune_magnitude(
-            model,
-            self.sparsity,
-            granularity=self.structure,
-            scope=self.scope,
-            layers=self.layers(model),
+        return attach_magnitude_masks(
+            self.layers(model), self.target_densities(model), self.structure
         )
+
+
+@register_method
+class IterativeLWM(LWM):
+    """Gradual magnitude pruning (Zhu & Gupta, 2017) with finetuning between rounds.
+
+    Round ``r`` (of ``rounds``) prunes to the sparsity ``s_r = s * (1 - (1 - (r + 1) / R)^3)``
+    (the cubic schedule: large steps first, small ones near the target), by the magnitude of
+    the weights the previous round kept (pruned weights stay pruned), then the prune stage
+    trains weights and BatchNorm for the run's epochs before the next round. The last round
+    reaches the target; per-layer densities come from the ``allocation`` at each ``s_r``.
+    """
+
+    name: ClassVar[str] = "lwm-iterative"
+    taxonomy: ClassVar[Taxonomy] = Taxonomy(
+        pipeline="after",
+        schedule="iterative",
+        **{**_LWM_TAXONOMY, "reference": "Zhu & Gupta, To prune, or not to prune, 2017"},
+    )
+    trains: ClassVar[dict[str, tuple[str, ...]]] = {
+        "pretrain": ("weights", "bn"),
+        "prune": ("weights", "bn"),
+        "finetune": ("weights", "bn"),
+    }
+    options: ClassVar[dict[str, Any]] = {"rounds": 4}
+
+    def __init__(self, sparsity: float | str, **kwargs: Any) -> None:
+        super().__init__(sparsity, **kwargs)
+        rounds = self.opts["rounds"]
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ConfigError(f"option rounds must be an integer >= 1, got {rounds!r}")
+        self.rounds = rounds
+
+    def round_sparsity(self, round_index: int) -> float:
+        """Target sparsity after round ``round_index`` (cubic schedule, exact at the last)."""
+        if not 0 <= round_index < self.rounds:
+            raise ValueError(f"round {round_index} outside 0..{self.rounds - 1}")
+        if round_index == self.rounds - 1:
+            return self.sparsity
+        frac = (round_index + 1) / self.rounds
+        return self.sparsity * (1.0 - (1.0 - frac) ** 3)
+
+    def prune_round(self, model: nn.Module, round_index: int) -> dict[str, float]:
+        densities = self.target_densities(model, self.round_sparsity(round_index))
+        return attach_magnitude_masks(self.layers(model), densities, self.structure)
+
+    def prune(self, model: nn.Module) -> dict[str, float]:
+        """All rounds at once, without training between them (for one-call use)."""
+        densities: dict[str, float] = {}
+        for r in range(self.rounds):
+            densities = self.prune_round(model, r)
+        return densities

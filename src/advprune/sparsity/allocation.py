@@ -36,11 +36,12 @@ from torch import nn
 
 from advprune._validation import check_sparsity, parse_number
 from advprune.errors import ConfigError, UnknownNameError
-from advprune.sparsity.masks import check_granularity, compact_shape, dense_weight, unit_size
+from advprune.sparsity.masks import check_granularity, compact_shape, unit_size
 from advprune.sparsity.pruning import allocate_densities, magnitude_importance
 
 ALLOCATIONS = ("uniform", "erk", "lamp", "global", "np")
 DEFAULT_NP_P = 0.1
+PARAMS: dict[str, tuple[str, ...]] = {"np": ("p",)}  # parameters each strategy takes
 
 
 def list_allocations() -> list[str]:
@@ -53,6 +54,26 @@ def check_allocation(name: str) -> str:
     if name not in ALLOCATIONS:
         raise UnknownNameError("allocation", str(name), ALLOCATIONS)
     return name
+
+
+def check_allocation_params(strategy: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Return ``params`` as a dict if ``strategy`` takes them all, else raise ConfigError."""
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"allocation parameters must be a mapping, got {params!r}")
+    allowed = PARAMS.get(strategy, ())
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"unknown parameter(s) {', '.join(unknown)} for allocation {strategy!r}; "
+            f"valid: {', '.join(allowed) or 'none'}"
+        )
+    out = dict(params)
+    if "p" in out:
+        p = parse_number(out["p"], "p")
+        if not math.isfinite(p):
+            raise ConfigError(f"allocation {strategy!r} needs a finite p, got {out['p']!r}")
+        out["p"] = p
+    return out
 
 
 def _erk_ratio(shape: tuple[int, ...]) -> float:
@@ -148,15 +169,10 @@ def allocate(
     check_granularity(granularity)
     if not layers:
         raise ConfigError("no prunable layers to allocate a sparsity over")
-    allowed = {"np": {"p"}}.get(strategy, set())
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise ConfigError(
-            f"unknown parameter(s) {', '.join(unknown)} for allocation {strategy!r}; "
-            f"valid: {', '.join(sorted(allowed)) or 'none'}"
-        )
+    check_allocation_params(strategy, params)
     names = list(layers)
-    weights = {n: dense_weight(m) for n, m in layers.items()}
+    # magnitudes as the model computes with them: weights an earlier mask removed count as 0
+    weights = {n: m.weight.detach() for n, m in layers.items()}
     shapes = [tuple(weights[n].shape) for n in names]
     sizes = [unit_size(s, granularity) for s in shapes]
     counts = [math.prod(s) for s in shapes]
@@ -182,9 +198,7 @@ def allocate(
     elif strategy == "erk":
         ratios = [_erk_ratio(s) for s in shapes]
     else:
-        p = parse_number(params.get("p", DEFAULT_NP_P), "p")
-        if not math.isfinite(p):
-            raise ConfigError(f"allocation 'np' needs a finite p, got {params.get('p')!r}")
+        p = float(check_allocation_params(strategy, params).get("p", DEFAULT_NP_P))
         ratios = [_np_ratio(p)(s) for s in shapes]
     units = [math.prod(compact_shape(s, granularity)) for s in shapes]
     real = _water_fill(ratios, counts, sizes, budget)
@@ -192,4 +206,10 @@ def allocate(
     return {n: k / u for n, k, u in zip(names, kept, units)}
 
 
-__all__ = ["ALLOCATIONS", "allocate", "check_allocation", "list_allocations"]
+__all__ = [
+    "ALLOCATIONS",
+    "allocate",
+    "check_allocation",
+    "check_allocation_params",
+    "list_allocations",
+]
