@@ -10,11 +10,15 @@ from advprune.methods.base import (
     method_from_config,
     register_method,
 )
-from advprune.methods.lwm import LWM
+from advprune.methods.hydra import HYDRA, HydraMask
+from advprune.methods.lwm import LWM, IterativeLWM
 
 __all__ = [
+    "HYDRA",
     "LWM",
     "PIPELINES",
+    "HydraMask",
+    "IterativeLWM",
     "Method",
     "Taxonomy",
     "create_method",

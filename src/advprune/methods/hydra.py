@@ -1,0 +1,156 @@
+"""HYDRA: pruning by learned importance scores (Sehwag et al., NeurIPS 2020).
+
+Every pruned layer gets scores of the weight's shape; the mask keeps the top ``k`` (kept
+fraction, from the method's ``allocation``) of ``|scores|`` in the layer and passes the
+gradient straight through to the scores. Scores start from the scaled init
+``s = sqrt(6 / fan_in) * W / max|W|``, so before any training step the mask is exactly the
+magnitude (LWM) mask of the same densities. Stages, as in the reference code:
+
+- ``pretrain``: dense weights and BatchNorm train (k = 1);
+- ``prune``: only the scores train (the reference's default ``freeze_bn=False`` leaves the
+  BatchNorm affine parameters trainable too; ``freeze_bn=True`` freezes them). Weights and
+  biases of conv / linear layers are frozen. As in the reference, BatchNorm running
+  statistics still update in train mode (they are buffers, not parameters);
+- ``finetune``: weights and BatchNorm train, the scores (hence the mask) are frozen.
+
+Structured HYDRA (``filters`` / ``channels``) keeps the scores weight-shaped and ranks each
+filter / input channel by the L1 norm of its scores, so the mask removes whole units; the
+straight-through gradient reaches every score of a unit through that norm.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from advprune.errors import ConfigError
+from advprune.methods.base import Method, Taxonomy, register_method
+from advprune.sparsity import (
+    MaskBase,
+    attach_mask,
+    dense_weight,
+    register_mask_kind,
+    straight_through_topk,
+)
+
+SCORE_INITS = ("scaled", "kaiming_normal", "kaiming_uniform")
+
+
+@register_mask_kind
+class HydraMask(MaskBase):
+    """Weight-shaped scores; the mask keeps the ``target_density`` fraction of units with the
+    largest ``|score|`` (unstructured) or L1 norm of ``|score|`` over the unit (structured)."""
+
+    kind: ClassVar[str] = "hydra"
+
+    def __init__(
+        self,
+        weight_shape: torch.Size | tuple[int, ...],
+        granularity: str = "unstructured",
+        density: float = 1.0,
+        scores: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(weight_shape, granularity)
+        if scores is None:
+            scores = torch.zeros(self.weight_shape)  # filled by load_state_dict
+        if tuple(scores.shape) != tuple(self.weight_shape):
+            raise ConfigError(
+                f"HYDRA scores of shape {tuple(scores.shape)}; expected the weight's "
+                f"{tuple(self.weight_shape)}"
+            )
+        self.scores = nn.Parameter(scores.detach().clone().float())
+        self.register_buffer("target_density", torch.tensor(float(density)))
+
+    def unit_scores(self) -> torch.Tensor:
+        """Importance of each mask unit (compact shape), differentiable in the scores."""
+        a = self.scores.abs()
+        if self.granularity == "unstructured":
+            return a
+        if self.granularity == "filters":
+            return a.flatten(1).sum(1)
+        return a.transpose(0, 1).flatten(1).sum(1)
+
+    def compact_mask(self) -> torch.Tensor:
+        return straight_through_topk(self.unit_scores(), float(self.target_density))
+
+
+def scaled_scores(weight: torch.Tensor) -> torch.Tensor:
+    """HYDRA's scaled score init ``sqrt(6 / fan_in) * W / max|W|`` (zeros for a zero weight)."""
+    w = weight.detach().float()
+    fan_in = w[0].numel()  # in_channels * kernel area, as nn.init's fan_in
+    peak = float(w.abs().max())
+    if peak == 0.0:
+        return torch.zeros_like(w)
+    return w * (math.sqrt(6.0 / fan_in) / peak)
+
+
+@register_method
+class HYDRA(Method):
+    """HYDRA: train importance scores with the robust objective, then finetune the weights.
+
+    Options: ``freeze_bn`` (freeze BatchNorm affine parameters while scores train; default
+    False as in the reference), ``score_init`` (``scaled``, the default and the paper's
+    choice, or ``kaiming_normal`` / ``kaiming_uniform``, which forget the pretrained
+    magnitudes).
+    """
+
+    name: ClassVar[str] = "hydra"
+    taxonomy: ClassVar[Taxonomy] = Taxonomy(
+        pipeline="after",
+        schedule="one-shot",
+        structures=("unstructured", "filters", "channels"),
+        scopes=("local",),
+        criterion="importance scores learned with the robust objective",
+        reference="Sehwag et al., HYDRA: Pruning Adversarially Robust Neural Networks, "
+        "NeurIPS 2020",
+    )
+    stages: ClassVar[tuple[str, ...]] = ("pretrain", "prune", "finetune")
+    trains: ClassVar[dict[str, tuple[str, ...]]] = {
+        "pretrain": ("weights", "bn"),
+        "prune": ("scores", "bn"),
+        "finetune": ("weights", "bn"),
+    }
+    options: ClassVar[dict[str, Any]] = {"freeze_bn": False, "score_init": "scaled"}
+
+    def __init__(self, sparsity: float | str, **kwargs: Any) -> None:
+        super().__init__(sparsity, **kwargs)
+        if not isinstance(self.opts["freeze_bn"], bool):
+            raise ConfigError(
+                f"option freeze_bn must be true or false, got {self.opts['freeze_bn']!r}"
+            )
+        if self.opts["score_init"] not in SCORE_INITS:
+            raise ConfigError(
+                f"option score_init must be one of {', '.join(SCORE_INITS)}, "
+                f"got {self.opts['score_init']!r}"
+            )
+
+    def trainable(self, stage: str) -> tuple[str, ...]:
+        kinds = super().trainable(stage)
+        if stage == "prune" and self.opts["freeze_bn"]:
+            kinds = tuple(k for k in kinds if k != "bn")
+        return kinds
+
+    def _init_scores(self, weight: torch.Tensor) -> torch.Tensor:
+        init = self.opts["score_init"]
+        if init == "scaled":
+            return scaled_scores(weight)
+        scores = torch.empty(weight.shape)
+        if init == "kaiming_normal":
+            nn.init.kaiming_normal_(scores, mode="fan_in", nonlinearity="relu")
+        else:
+            nn.init.kaiming_uniform_(scores, a=math.sqrt(5))
+        return scores
+
+    def prune(self, model: nn.Module) -> dict[str, float]:
+        layers = self.layers(model)
+        densities = self.target_densities(model)
+        for name, module in layers.items():
+            weight = dense_weight(module)
+            mask = HydraMask(
+                weight.shape, self.structure, densities[name], self._init_scores(weight)
+            )
+            attach_mask(module, mask.to(weight.device))
+        return densities
