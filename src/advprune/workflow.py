@@ -26,6 +26,7 @@ from advprune.methods import Method, create_method, method_from_config
 from advprune.models import create
 from advprune.sparsity import sparsity_report
 from advprune.training import (
+    Objective,
     Regularizer,
     TrainConfig,
     Trainer,
@@ -174,15 +175,18 @@ def train_stage(
     card: dict[str, Any] | None = None,
     stage: str = "pretrain",
     regularizer: Regularizer | None = None,
+    objective: Objective | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``model`` (the parameter ``kinds`` only) and save ``out/model.safetensors``.
+
+    ``objective`` replaces the one ``cfg`` names (API use with a ready-made objective).
 
     The best epoch by robust validation accuracy is kept when there is validation data (and,
     with a ``regularizer``, only among epochs where it is ready, e.g. the target is met).
     """
     device = resolve_device(cfg.device)
     model = model.to(device)
-    objective = make_objective(cfg)
+    objective = objective if objective is not None else make_objective(cfg)
     tcfg = TrainConfig(
         epochs=cfg.epochs,
         lr=cfg.lr,
@@ -294,7 +298,12 @@ def make_method(cfg: RunConfig) -> Method:
 
 
 def prune_stage(
-    cfg: RunConfig, data: Data, model: nn.Module, *, out: Path | None
+    cfg: RunConfig,
+    data: Data,
+    model: nn.Module,
+    *,
+    out: Path | None,
+    objective: Objective | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Run ``cfg.method``'s prune stage on a copy of ``model``; save if ``out`` is set.
 
@@ -326,6 +335,7 @@ def prune_stage(
                 card=card,
                 stage="prune",
                 regularizer=method.regularizer("prune"),
+                objective=objective,
             )
             card["training"] = trained_card.get("training")
     card["stage"] = "prune"
@@ -343,7 +353,13 @@ def method_targets(method: Method, model: nn.Module, targets: dict[str, float]) 
 
 
 def finetune_stage(
-    cfg: RunConfig, data: Data, model: nn.Module, prune_card: dict[str, Any], *, out: Path
+    cfg: RunConfig,
+    data: Data,
+    model: nn.Module,
+    prune_card: dict[str, Any],
+    *,
+    out: Path,
+    objective: Objective | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train a pruned model with the parameter kinds its method trains in ``finetune``."""
     method_cfg = prune_card.get("method")
@@ -367,6 +383,7 @@ def finetune_stage(
         card=card,
         stage="finetune",
         regularizer=method.regularizer("finetune"),
+        objective=objective,
     )
 
 
