@@ -13,4 +13,12 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "finetune", "prune"]
+
+
+def __getattr__(name: str):  # lazy: `import advprune` stays light
+    if name in ("prune", "finetune"):
+        from advprune import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'advprune' has no attribute {name!r}")
