@@ -10,13 +10,17 @@ from advprune.methods.base import (
     method_from_config,
     register_method,
 )
+from advprune.methods.binary import BinarySubnet
+from advprune.methods.harp import HARP
 from advprune.methods.hydra import HYDRA, HydraMask
 from advprune.methods.lwm import LWM, IterativeLWM
 
 __all__ = [
+    "HARP",
     "HYDRA",
     "LWM",
     "PIPELINES",
+    "BinarySubnet",
     "HydraMask",
     "IterativeLWM",
     "Method",
