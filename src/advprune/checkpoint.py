@@ -274,6 +274,24 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
     return card
 
 
+def export_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Write a pruned checkpoint ``src`` as a plain dense checkpoint ``dst``; return its path.
+
+    The masks are folded into the weights (:func:`advprune.sparsity.export_dense`), so ``dst``
+    loads into the plain architecture of the card (``ModelSpec.build()``, variants included)
+    with ``strict=True`` and computes what ``src`` computed. The card keeps ``src``'s fields
+    (method and its options, dataset, objective, eps, per-layer targets) and records the
+    measured per-layer density (``sparsity.masked_layers``) and ``exported_from``.
+    """
+    model, card = load_checkpoint(src)
+    keep = {k: v for k, v in card.items() if k not in ("tensors", "masks", "created")}
+    keep["exported_from"] = {
+        "path": str(tensor_path(src)),
+        "sha256": (card.get("tensors") or {}).get("sha256"),
+    }
+    return save_checkpoint(dst, model, keep, export=True)
+
+
 # ---------------------------------------------------------------------------- training state
 
 

@@ -2,7 +2,8 @@
 
 Commands: ``train`` (dense, adversarial or natural), ``prune`` (apply a method to a
 checkpoint), ``finetune`` (train a pruned checkpoint), ``eval`` (AutoAttack, HO-FMN, PGD),
-``info`` (checkpoint card and measured sparsity), ``methods``, ``quickstart``.
+``info`` (checkpoint card and measured sparsity), ``methods``, ``export`` (dense checkpoint
+of a pruned one), ``quickstart``.
 
 Settings come from ``--config FILE.yaml`` and are overridden by the flags given explicitly;
 fractions such as ``--eps 8/255`` are exact. Bad input prints one ``error:`` line and exits 2.
@@ -189,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
 
     sub.add_parser("methods", help="list pruning methods and their taxonomy entries")
+
+    p = sub.add_parser("export", help="fold a pruned checkpoint's masks into a plain dense one")
+    p.add_argument("path", help="pruned checkpoint (.safetensors or .json)")
+    p.add_argument("--out", required=True, help="output folder (gets model.safetensors + .json)")
 
     p = sub.add_parser("quickstart", help="the embedded digits demo (< 3 minutes on a CPU)")
     p.add_argument("--out", default="quickstart_out", help="output folder")
@@ -383,10 +388,21 @@ def cmd_methods(args: argparse.Namespace) -> int:
         cls = method_class(name)
         t = cls.taxonomy
         print(
-            f"{name:<8} pipeline={t.pipeline} schedule={t.schedule} "
+            f"{name:<14} pipeline={t.pipeline} schedule={t.schedule} "
             f"structures={','.join(t.structures)} scopes={','.join(t.scopes)} "
             f"criterion={t.criterion!r} stages={'->'.join(cls.stages)}"
         )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from advprune.checkpoint import export_checkpoint, tensor_path
+
+    dst = Path(args.out) / "model.safetensors"
+    if dst.resolve() == tensor_path(args.path).resolve():
+        raise AdvpruneError(f"--out {args.out} holds the input checkpoint; pass a new folder")
+    path = export_checkpoint(args.path, dst)
+    print(f"exported {args.path} -> {path} (plain architecture, masks folded in)")
     return 0
 
 
@@ -407,6 +423,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "info": cmd_info,
     "methods": cmd_methods,
+    "export": cmd_export,
     "quickstart": cmd_quickstart,
 }
 
