@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -291,6 +292,24 @@ def test_export_loads_strict_into_the_plain_model(tmp_path) -> None:
 # ---------------------------------------------------------------------------- bad input
 
 
+def _wrong_input_size() -> nn.Module:
+    model = create("digits_cnn")
+    model.spec = dataclasses.replace(model.spec, in_channels=3)  # the model takes 1 channel
+    return model
+
+
+class _Grouped(nn.Module):
+    """A grouped convolution: masking its input channels would not remove whole channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, groups=2)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
 @pytest.mark.parametrize(
     "make, words",
     [
@@ -302,6 +321,9 @@ def test_export_loads_strict_into_the_plain_model(tmp_path) -> None:
         (lambda: _harp(0.5, create("resnet18"), structure="channels", exclude=["*shortcut*"]),
          ["layer2.0.shortcut.0", "not pruned"]),
         (lambda: _harp(0.9999, structure="channels"), ["cannot be reached"]),
+        (lambda: _harp(0.5, _Grouped(), structure="channels"), ["grouped", "conv"]),
+        (lambda: _harp(0.5, _wrong_input_size(), structure="channels"),
+         ["input size (3, 8, 8)", "forward pass failed"]),
     ],
 )  # fmt: skip
 def test_bad_input(make, words) -> None:

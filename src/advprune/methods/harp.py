@@ -334,9 +334,16 @@ def shared_input_groups(model: nn.Module) -> list[list[str]]:
     ]
     modes = {m: m.training for m in model.modules()}
     model.eval()
+    size = _input_size(model)
     try:
         param = next(model.parameters())
-        model(torch.zeros(1, *_input_size(model), device=param.device, dtype=param.dtype))
+        model(torch.zeros(1, *size, device=param.device, dtype=param.dtype))
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[0][:200]
+        raise ConfigError(
+            f"structured HARP traces the model at its input size {size} to find layers that "
+            f"share an input, and the forward pass failed ({detail})"
+        ) from None
     finally:
         for h in handles:
             h.remove()
