@@ -117,7 +117,7 @@ def _apportion(real: list[float], units: list[int], sizes: list[int], budget: in
     counts = [min(n, max(1, math.floor(r + 1e-9))) for r, n in zip(real, units)]
     deficit = budget - sum(k * s for k, s in zip(counts, sizes))
     order = sorted(range(len(real)), key=lambda i: (-sizes[i], -(real[i] - counts[i]), i))
-    open_ = [i for i in order if counts[i] < units[i]]
+    open_ = [i for i in order if counts[i] < min(units[i], real[i] - 1e-9)]  # a ceiling above
     for i in list(open_):
         if 0 < sizes[i] <= deficit:
             counts[i] += 1
