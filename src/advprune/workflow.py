@@ -338,6 +338,7 @@ def prune_stage(
                 objective=objective,
             )
             card["training"] = trained_card.get("training")
+            card["objective"] = trained_card.get("objective")
     card["stage"] = "prune"
     card["sparsity"]["target_layers"] = method_targets(method, pruned, targets)
     if out is not None:
