@@ -320,6 +320,7 @@ def prune_stage(
     if train and out is None:
         raise ConfigError(f"method {method.name!r} trains while pruning; pass an output folder")
     targets: dict[str, float] = {}
+    objective_record = None
     for r in range(method.rounds):
         targets = method.prune_round(pruned, r)
         card["sparsity"]["target_layers"] = targets
@@ -338,7 +339,9 @@ def prune_stage(
                 objective=objective,
             )
             card["training"] = trained_card.get("training")
-            card["objective"] = trained_card.get("objective")
+            objective_record = trained_card.get("objective")
+    if train:  # the objective the method trained with
+        card["objective"] = objective_record
     card["stage"] = "prune"
     card["sparsity"]["target_layers"] = method_targets(method, pruned, targets)
     if out is not None:
