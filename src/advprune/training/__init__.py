@@ -1,5 +1,6 @@
 """Training: batch objectives and the one Trainer every method uses."""
 
+from advprune.training import certified  # noqa: F401  (registers smooth, ibp, crown-ibp, mixtrain)
 from advprune.training.objectives import (
     MART,
     TRADES,
