@@ -33,6 +33,12 @@ def natural_digits_model(width: int = 8, epochs: int = 4, seed: int = 0) -> nn.M
 
 
 @functools.cache
+def digits_splits():
+    """The digits splits (no validation split), loaded once."""
+    return load_dataset("digits")
+
+
+@functools.cache
 def digits_test(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` digits test images (N, 1, 8, 8) in [0, 1] and their labels."""
     test = load_dataset("digits").test

@@ -36,7 +36,6 @@ from advprune.errors import ConfigError, DataError, UnknownNameError
 from advprune.evaluation.autoattack import (
     AA_ATTACKS,
     AA_VERSIONS,
-    WHITE_BOX,
     autoattack_attacks,
     ball_tolerance,
     run_autoattack,
@@ -327,12 +326,24 @@ def _check_same_run(out: Path, record: dict[str, Any]) -> None:
         before = json.loads(path.read_text())
     except (OSError, ValueError):
         raise ConfigError(f"{path} is unreadable; pass a new --out folder") from None
-    changed = sorted(k for k in set(before) | set(record) if before.get(k) != record.get(k))
+    changed = _changed_keys(before, record)
     if changed:
         raise ConfigError(
             f"{out} holds an evaluation with other settings ({', '.join(changed)} differ); "
             "rerun with the same settings to resume it, or pass a new --out folder"
         )
+
+
+def _changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the entries that differ between two nested dicts."""
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += _changed_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(f"{prefix}{k}")
+    return keys
 
 
 def _run_attack(
@@ -480,6 +491,14 @@ def evaluate(
         )
     total = ev.x.shape[0]
 
+    record = {
+        "settings": settings,
+        "model_sha256": _state_sha256(model),
+        "data": {"name": ev.name, "n": total, "sha256": _tensor_sha256(ev.x, ev.y)},
+    }
+    if out_path is not None:
+        _check_same_run(out_path, record)
+
     with model_mode_scope(model, "eval"):
         # ---- clean pass: output shape, labels, gradients, determinism (before any attack)
         preds, grad_norms, change = [], [], 0.0
@@ -496,13 +515,7 @@ def evaluate(
         labels = _np(ev.y)
         correct = clean_pred == labels
 
-        record = {
-            "settings": settings,
-            "model_sha256": _state_sha256(model),
-            "data": {"name": ev.name, "n": total, "sha256": _tensor_sha256(ev.x, ev.y)},
-        }
         if out_path is not None:
-            _check_same_run(out_path, record)
             write_json_atomic(out_path / RUN_FILE, record)
 
         # ---- failure-check probe (seeded; deterministic: PGD from x)
@@ -534,6 +547,7 @@ def evaluate(
     for name in names:
         broken |= samples[f"success_{name}"]
     robust = correct & ~broken
+    flags += _square_flags(names, samples)
     samples["robust"] = robust
     curve = None
     curve_source = next((m for m in names if m in MIN_NORM), None)
@@ -612,7 +626,6 @@ def _run_named(
             "best_trial": result.best_trial,
             "best_value": result.best_value,
             "search_space": SEARCH_SPACE,
-            "seconds": tuning_seconds,
         }
         if out is not None:
             write_json_atomic(out / TUNED_FILE, attack.config())
@@ -627,6 +640,8 @@ def _run_named(
     per_sample = {f"success_{name}": success, f"distance_{name}": distance}
     flags: list[Flag] = []
     details: dict[str, Any] = {"broken": int(success.sum())}
+    if name == "hofmn":
+        details["tuning_seconds"] = tuning_seconds
     if attack.min_norm:
         robust_acc = float((distance > eps).mean())
         per_sample[f"recheck_mismatch_{name}"] = arrays["recheck_mismatch"]
@@ -692,7 +707,6 @@ def _autoattack_flags(
     per_sample: dict[str, np.ndarray],
     details: dict[str, Any],
 ) -> list[Flag]:
-    n = correct.size
     first = np.where(correct, arrays["first_attack"], -1)
     own = arrays["own_success"] & correct
     outside = arrays["outside_ball"] & correct
@@ -732,18 +746,44 @@ def _autoattack_flags(
                 name,
             )
         )
-    if "square" in order and any(a in WHITE_BOX for a in order[: order.index("square")]):
-        by_square = int((first == order.index("square")).sum())
-        if by_square > SQUARE_THRESHOLD * n:
-            flags.append(
-                Flag(
-                    "square_beats_whitebox",
-                    f"Square broke {by_square} points that the white-box attacks before it could "
-                    "not (gradient masking?)",
-                    name,
-                )
-            )
     return flags
+
+
+def _square_flags(names: Sequence[str], samples: dict[str, np.ndarray]) -> list[Flag]:
+    """Square (black-box) breaking points that every white-box attack of the run left intact,
+    whether Square ran inside AutoAttack (after its white-box attacks) or on its own."""
+    n = samples["label"].size
+    by_square = np.zeros(n, dtype=bool)
+    by_whitebox = np.zeros(n, dtype=bool)
+    whitebox_ran = False
+    for name in names:
+        if name == "autoattack":
+            order = [str(a) for a in samples["autoattack_attacks"]]
+            first = samples["autoattack_first_attack"]
+            for k, attack in enumerate(order):
+                if attack == "square":
+                    by_square |= first == k
+                else:
+                    by_whitebox |= first == k
+                    whitebox_ran = True
+        elif name == "square":
+            by_square |= samples["success_square"]
+        else:  # pgd, fmn, hofmn and the white-box AutoAttack attacks run alone
+            by_whitebox |= samples[f"success_{name}"]
+            whitebox_ran = True
+    if not whitebox_ran:
+        return []
+    extra = int((by_square & ~by_whitebox).sum())
+    if extra <= SQUARE_THRESHOLD * n:
+        return []
+    return [
+        Flag(
+            "square_beats_whitebox",
+            f"the black-box Square attack broke {extra} points that every white-box attack "
+            "left intact (gradient masking?)",
+            "square",
+        )
+    ]
 
 
 def _write_outputs(report: Report, out: Path, names: Sequence[str]) -> None:
