@@ -55,11 +55,38 @@ def _add_common(p: argparse.ArgumentParser, *, training: bool) -> None:
     g.add_argument("--norm", help="linf (default) or l2")
     g.add_argument("--eval-steps", dest="eval_steps", type=int, help="PGD steps for evaluation")
     if training:
-        g.add_argument("--objective", help="natural, pgd (default), trades, mart, fast")
+        g.add_argument(
+            "--objective",
+            help="natural, pgd (default), trades, mart, fast, smooth, ibp, crown-ibp, mixtrain",
+        )
         g.add_argument("--step-size", dest="step_size", help="attack step, e.g. 2/255")
         g.add_argument("--attack-steps", dest="attack_steps", type=int)
         g.add_argument("--beta", type=float, help="TRADES / MART beta")
         g.add_argument("--attack-mode", dest="attack_mode", help="eval (default), train, keep")
+        g = p.add_argument_group("certified objectives (smooth, ibp, crown-ibp, mixtrain)")
+        g.add_argument("--sigma", type=float, help="smooth: Gaussian noise std (0.25)")
+        g.add_argument("--noise-samples", dest="noise_samples", type=int, help="smooth: copies")
+        g.add_argument(
+            "--smooth-variant",
+            dest="smooth_variant",
+            help="gaussian (default), stability, consistency, adversarial",
+        )
+        g.add_argument("--kappa-start", dest="kappa_start", type=float, help="ibp / crown-ibp")
+        g.add_argument("--kappa-end", dest="kappa_end", type=float, help="ibp / crown-ibp")
+        g.add_argument("--ramp-start", dest="ramp_start", type=float, help="eps ramp start (0)")
+        g.add_argument(
+            "--ramp-length", dest="ramp_length", type=float, help="eps ramp, stage fraction"
+        )
+        g.add_argument("--bound", help="mixtrain's bound: crown-ibp (default), ibp, crown")
+        g.add_argument("--ver-subset", dest="ver_subset", type=int, help="mixtrain: points (5)")
+        g.add_argument(
+            "--objective-option",
+            dest="objective_options",
+            action="append",
+            type=_option,
+            metavar="KEY=VALUE",
+            help="another objective option (repeatable), e.g. --objective-option eta=0.5",
+        )
         g = p.add_argument_group("optimisation")
         g.add_argument("--epochs", type=int)
         g.add_argument("--lr", type=float)
@@ -210,6 +237,8 @@ def _run_config(args: argparse.Namespace, base: dict[str, Any] | None = None):
     from advprune.config import load_config
 
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG and v is not None}
+    if isinstance(overrides.get("objective_options"), list):  # repeated KEY=VALUE pairs
+        overrides["objective_options"] = dict(overrides["objective_options"])
     return load_config(args.config, overrides, base=base)
 
 

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from advprune._validation import check_eps, check_norm, check_sparsity, parse_number
-from advprune.errors import ConfigError
+from advprune.errors import ConfigError, UnknownNameError
 
 # Default attack radius per dataset (L∞, input units). Digits are 8x8 images whose pixels take
 # the 17 values k/16: eps = 3/16 allows a change of three grey levels per pixel, small next to
@@ -53,6 +53,17 @@ class RunConfig(BaseModel):
     attack_steps: int = 10
     beta: float = 6.0
     attack_mode: str = "eval"
+    # certified objectives (smooth, ibp, crown-ibp, mixtrain; advprune.training.certified)
+    sigma: float | None = None  # Gaussian noise std of smooth / smoothing; None: 0.25
+    noise_samples: int | None = None  # noisy copies per input (smooth); None: the variant's
+    smooth_variant: str = "gaussian"  # gaussian, stability, consistency, adversarial
+    kappa_start: float | None = None  # natural-loss weight before / after the eps ramp-up;
+    kappa_end: float | None = None  # None: the objective's (ibp 1 -> 0.5, crown-ibp 1 -> 0)
+    ramp_start: float = 0.0  # eps ramp-up start and length, fractions of the stage
+    ramp_length: float | None = None  # None: the objective's (ibp / crown-ibp 0.5)
+    bound: str = "crown-ibp"  # mixtrain's verifiable bound: ibp, crown-ibp, crown
+    ver_subset: int | None = None  # mixtrain: points bounded per batch; None: 5
+    objective_options: dict[str, Any] = {}  # the objective's other options, e.g. {eta: 0.5}
     # optimisation
     epochs: int = 10
     lr: float = 0.1
@@ -119,6 +130,43 @@ class RunConfig(BaseModel):
             raise ConfigError(f"must be >= 0, got {value}")
         return value
 
+    @field_validator("sigma")
+    @classmethod
+    def _sigma(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value < float("inf"):
+            raise ConfigError(f"sigma must be > 0 (the std of the Gaussian noise), got {value}")
+        return value
+
+    @field_validator("kappa_start", "kappa_end", "ramp_start", "ramp_length")
+    @classmethod
+    def _fraction(cls, value: float | None) -> float | None:
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"must be in [0, 1], got {value}")
+        return value
+
+    @field_validator("noise_samples", "ver_subset")
+    @classmethod
+    def _optional_count(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ConfigError(f"must be >= 1, got {value}")
+        return value
+
+    @field_validator("smooth_variant")
+    @classmethod
+    def _smooth_variant(cls, value: str) -> str:
+        variants = ("gaussian", "stability", "consistency", "adversarial")
+        if value not in variants:
+            raise UnknownNameError("smoothing variant", value, variants)
+        return value
+
+    @field_validator("bound")
+    @classmethod
+    def _bound(cls, value: str) -> str:
+        methods = ("ibp", "crown-ibp", "crown")
+        if value not in methods:
+            raise UnknownNameError("bound method", value, methods)
+        return value
+
     @field_validator("n")
     @classmethod
     def _n(cls, value: int | None) -> int | None:
@@ -129,6 +177,11 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _check_eps(self) -> RunConfig:
         check_eps(self.eps_text(), self.norm)
+        if self.ramp_start + (self.ramp_length or 0.0) > 1.0 + 1e-9:
+            raise ConfigError(
+                f"ramp_start + ramp_length = {self.ramp_start + (self.ramp_length or 0):g} > 1: "
+                "the eps ramp-up must end within the stage"
+            )
         if self.step_size is not None:
             # same rule as eps: an L-inf step above 1 is a pixel value meant as k/255
             step = check_eps(self.step_size, self.norm, "step_size")

@@ -35,6 +35,7 @@ from advprune.training import (
     load_best,
     parameter_groups,
 )
+from advprune.training.certified import CERTIFIED_OBJECTIVES, objective_from_config
 
 MODEL_FILE = "model.safetensors"
 RUN_FILE = "run.json"  # the settings of the training run in a folder, to refuse a wrong resume
@@ -130,14 +131,19 @@ def build_model(cfg: RunConfig, data: Data) -> tuple[nn.Module, dict[str, Any] |
 
 
 def make_objective(cfg: RunConfig):
-    """The training objective named by ``cfg.objective`` with the config's attack settings."""
+    """The training objective named by ``cfg.objective`` with the config's attack settings
+    (and ``cfg.objective_options``); certified objectives are built by
+    :func:`advprune.training.certified.objective_from_config`."""
+    if cfg.objective in CERTIFIED_OBJECTIVES:
+        return objective_from_config(cfg)
+    options = dict(cfg.objective_options)
     if cfg.objective == "natural":
-        return create_objective("natural")
+        return create_objective("natural", **options)
     kwargs: dict[str, Any] = {"eps": cfg.eps_text(), "norm": cfg.norm}
     if cfg.objective == "fast":
         if cfg.step_size is not None:
             kwargs["step_size"] = cfg.step_size
-        return create_objective("fast", **kwargs)
+        return create_objective("fast", **kwargs, **options)
     kwargs.update(
         steps=cfg.attack_steps,
         step_size=cfg.step_size_value(cfg.attack_steps),
@@ -145,7 +151,7 @@ def make_objective(cfg: RunConfig):
     )
     if cfg.objective in ("trades", "mart"):
         kwargs["beta"] = cfg.beta
-    return create_objective(cfg.objective, **kwargs)
+    return create_objective(cfg.objective, **{**kwargs, **options})
 
 
 def eval_attack(cfg: RunConfig, steps: int | None = None) -> PGD:
@@ -187,6 +193,11 @@ def train_stage(
     device = resolve_device(cfg.device)
     model = model.to(device)
     objective = objective if objective is not None else make_objective(cfg)
+    check = getattr(objective, "check_model", None)
+    if callable(check):  # objectives that bound the model reject unsupported layers now
+        check(model, tuple(data.splits.info.input_shape))
+    # a smoothing-trained model is selected by clean accuracy (PGD at eps says little of it)
+    no_attack = cfg.objective in ("natural", "smooth")
     tcfg = TrainConfig(
         epochs=cfg.epochs,
         lr=cfg.lr,
@@ -196,7 +207,7 @@ def train_stage(
         warmup_epochs=cfg.warmup_epochs,
         amp=cfg.amp,
         seed=cfg.seed,
-        select_by="clean" if cfg.objective == "natural" else "robust",
+        select_by="clean" if no_attack else "robust",
     )
     full_card = _card(cfg, data, **(card or {}), stage=stage, objective=objective.config())
     trainer = Trainer(
@@ -207,7 +218,7 @@ def train_stage(
         val_loader=data.val,
         # validation (model selection) uses the training attack's step count; the final
         # evaluation uses the stronger eval attack
-        val_attack=None if cfg.objective == "natural" else eval_attack(cfg, cfg.attack_steps),
+        val_attack=None if no_attack else eval_attack(cfg, cfg.attack_steps),
         param_groups=parameter_groups(model, kinds),
         augment=augmentation(cfg, data),
         device=device,
