@@ -18,6 +18,7 @@ from advprune.methods import HydraMask, create_method
 from advprune.methods.hydra import scaled_scores
 from advprune.models import create
 from advprune.sparsity import dense_weight, masked_modules, sparsity_report
+from advprune.training import list_objectives
 
 TINY = ["--attack-steps", "1", "--eval-steps", "2", "--n", "40", "--no-progress"]
 
@@ -166,3 +167,21 @@ def test_cli_hydra_needs_a_pretrained_checkpoint(tmp_path: Path) -> None:
     rc, log = _run(["prune", "--method", "hydra", "--out", tmp_path / "o", *TINY])
     assert rc == 2 and log.count("\n") == 1
     assert "needs --checkpoint" in log and "prunes a trained model" in log
+
+
+@pytest.mark.parametrize("objective", list_objectives())
+def test_hydra_prunes_with_every_objective(objective: str) -> None:
+    import advprune
+    from advprune.data import load_dataset, make_loader
+
+    splits = load_dataset("digits", val_fraction=0.0)
+    loader = make_loader(torch.utils.data.Subset(splits.train, range(128)), 64, shuffle=True)
+    torch.manual_seed(0)
+    model = create("digits_cnn", width=8)
+    pruned = advprune.prune(model, method="hydra", sparsity=0.9, objective=objective,
+                            data=loader, epochs=1, attack_steps=1, lr=0.1)  # fmt: skip
+    assert pruned.advprune_card["objective"]["name"] == objective
+    dense = dict(model.named_parameters())
+    for name, (module, mask) in masked_modules(pruned).items():
+        assert torch.equal(dense_weight(module), dense[f"{name}.weight"])  # weights frozen
+        assert not torch.equal(mask.scores, scaled_scores(dense[f"{name}.weight"]))  # trained
