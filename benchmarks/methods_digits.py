@@ -39,6 +39,7 @@ import torch
 from advprune.checkpoint import load_checkpoint
 from advprune.config import RunConfig
 from advprune.methods import list_methods, method_class
+from advprune.quickstart import QUICKSTART
 from advprune.workflow import (
     MODEL_FILE,
     build_model,
@@ -49,17 +50,9 @@ from advprune.workflow import (
     train_stage,
 )
 
+# the quickstart's digits settings (PGD-5 at 3/16, batch 64, lr 0.05, wd 5e-4), cosine schedule
 BASE: dict[str, Any] = {
-    "dataset": "digits",
-    "model": "digits_cnn",
-    "objective": "pgd",
-    "eps": "3/16",
-    "attack_steps": 5,
-    "eval_steps": 20,
-    "batch_size": 64,
-    "val_fraction": 0.1,
-    "lr": 0.05,
-    "weight_decay": 5e-4,
+    **{k: v for k, v in QUICKSTART.items() if k != "method"},
     "schedule": "cosine",
     "seed": 0,
     "progress": False,
