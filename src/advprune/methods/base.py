@@ -69,6 +69,10 @@ class Method(ABC):
     Subclasses set ``name``, ``taxonomy``, ``stages`` (ordered; ``"prune"`` is where
     :meth:`prune` runs) and ``trains`` (stage -> parameter kinds trained in that stage; a
     stage absent from ``trains`` has no training), and implement :meth:`prune`.
+
+    Every method takes ``allocation`` (how the target sparsity is split over layers, see
+    :mod:`advprune.sparsity.allocation`; default ``default_allocation``) and its
+    ``allocation_params`` (``{"p": 0.1}`` for ``np``); :meth:`target_densities` applies it.
     """
 
     name: ClassVar[str]
