@@ -331,7 +331,9 @@ def test_train_unknown_names(tmp_path, flags, words):
 def test_prune_unknown_method_and_structure(ckpts, tmp_path):
     out = tmp_path / "out"
     base = ["prune", "--checkpoint", ckpts["dense"], "--out", out]
-    fails([*base, "--method", "lwn"], "unknown method 'lwn'", "valid methods:", " lwm,", out_dir=out)
+    fails(
+        [*base, "--method", "lwn"], "unknown method 'lwn'", "valid methods:", " lwm,", out_dir=out
+    )
     fails([*base, "--structure", "rows"], "unstructured, filters, channels", out_dir=out)
     fails([*base, "--scope", "world"], "local, global", out_dir=out)
 

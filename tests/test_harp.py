@@ -174,7 +174,7 @@ def test_final_density_is_within_one_weight_of_the_rate_and_at_the_target() -> N
     method, model = _harp(0.9)
     _raise_rates(model, 0.8)  # as if training stopped above the target
     assert _kept_weights(model) > round(0.1 * _total(model))
-    learned = method.learned_densities(model)
+    learned = method.finish(model, {})
     rates = rate_densities(model)
     report = sparsity_report(model)
     for row in report.layers:

@@ -354,17 +354,10 @@ def prune_stage(
     if train:  # the objective the method trained with
         card["objective"] = objective_record
     card["stage"] = "prune"
-    card["sparsity"]["target_layers"] = method_targets(method, pruned, targets)
+    card["sparsity"]["target_layers"] = method.finish(pruned, targets)
     if out is not None:
         save_checkpoint(out / MODEL_FILE, pruned, card)
     return pruned, card
-
-
-def method_targets(method: Method, model: nn.Module, targets: dict[str, float]) -> dict[str, float]:
-    """Per-layer target densities after the prune stage (learned ones for methods such as
-    HARP that expose ``learned_densities``)."""
-    learned = getattr(method, "learned_densities", None)
-    return dict(learned(model)) if callable(learned) else dict(targets)
 
 
 def finetune_stage(

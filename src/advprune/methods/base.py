@@ -14,7 +14,8 @@ How the workflow runs a method's ``prune`` stage (``advprune prune``, :func:`adv
    the masks; if ``method.trainable("prune")`` names parameter kinds, the model then trains
    with them (scores for HYDRA, weights between rounds for iterative LWM) with the
    objective of the run and ``method.regularizer("prune")`` added to the loss;
-3. later stages (``finetune``) train ``method.trainable(stage)`` with masks fixed.
+3. ``method.finish(model, targets)`` settles the masks and gives the densities to record;
+4. later stages (``finetune``) train ``method.trainable(stage)`` with masks fixed.
 """
 
 from __future__ import annotations
@@ -168,6 +169,12 @@ class Method(ABC):
         if round_index != 0:
             raise ValueError(f"{self.name} prunes in one round, got round {round_index}")
         return self.prune(model)
+
+    def finish(self, model: nn.Module, targets: dict[str, float]) -> dict[str, float]:
+        """End of the prune stage (after its training): settle the masks and return the
+        per-layer target densities to record. Default: the last round's ``targets``; methods
+        that learn their densities (HARP) project them onto the target and return them."""
+        return dict(targets)
 
     def trainable(self, stage: str) -> tuple[str, ...]:
         """Parameter kinds trained in ``stage`` (empty: the stage does not train)."""

@@ -12,7 +12,7 @@ Deviations from the reference code, all on purpose:
 
 - the hinge's target is lowered by one unit per layer (the most ``ceil`` can add), so a zero
   hinge loss guarantees that the *measured* kept count is at or below the target;
-- after the prune stage (:meth:`HARP.learned_densities`), rates that still exceed the target
+- after the prune stage (:meth:`HARP.finish`), rates that still exceed the target
   are all shifted by one common offset until it is met, so a run stopped early never records
   a model above its target;
 - initial rates come from any allocation strategy at any target (``uniform``, ``erk``,
@@ -505,7 +505,7 @@ class HARP(Method):
             model, costs, _budget(costs, self.target_density, self.opts["hw_loss"])
         )
 
-    def learned_densities(self, model: nn.Module) -> dict[str, float]:
+    def finish(self, model: nn.Module, targets: dict[str, float]) -> dict[str, float]:
         """Final per-layer densities (kept units / units) after :meth:`finalize`.
 
         The workflow calls this after the prune stage's training, before saving, so the saved
