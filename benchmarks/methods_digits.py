@@ -10,6 +10,8 @@ model (``--budget``, default 6):
 - methods that train while pruning and then finetune (HYDRA, HARP): ``--prune-epochs``
   (default budget / 2) + the rest as finetune epochs;
 - iterative LWM: ``--prune-epochs`` rounds of one epoch each + the rest as finetune epochs;
+- filter (output-unit) pruning keeps the classifier dense for every method: its filters are
+  the classes;
 - methods without a finetune stage (binary) start from a FRESH network, not the dense one
   (they prune at initialisation) and get all ``budget`` epochs in their prune stage.
 
@@ -92,8 +94,9 @@ def run_one(
     options = dict(METHOD_OPTIONS.get(method, {}))
     if p["rounds"] > 1:
         options["rounds"] = p["rounds"]
+    # filter pruning of the classifier would delete whole classes: it stays dense for filters
     common = dict(BASE, method=method, sparsity=sparsity, structure=structure,
-                  method_options=options)  # fmt: skip
+                  method_options=options, keep_last=structure == "filters")  # fmt: skip
     pcfg = RunConfig(**{**common, "epochs": p["prune"], "lr": args.prune_lr})
     if p["from_dense"]:
         start = dense
@@ -123,6 +126,21 @@ def run_one(
     }
 
 
+def merge_previous(path: Path, rows: list[dict[str, Any]], header: str) -> list[dict[str, Any]]:
+    """Rows of an earlier run in ``path`` with the same header (same dense model and budget)
+    that this run did not redo, followed by this run's rows, in method order."""
+    if not path.exists():
+        return rows
+    before = json.loads(path.read_text())
+    if before.get("header") != header:
+        return rows
+    key = lambda r: (r["method"], r["structure"], r["sparsity"])  # noqa: E731
+    done = {key(r) for r in rows}
+    merged = [r for r in before.get("rows", []) if key(r) not in done] + rows
+    order = {"unstructured": 0, "filters": 1, "channels": 2}
+    return sorted(merged, key=lambda r: (r["method"], order[r["structure"]], r["sparsity"]))
+
+
 def markdown(rows: list[dict[str, Any]], header: str) -> str:
     """Markdown table of result rows."""
     lines = [
@@ -147,6 +165,9 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(list_methods()))
     parser.add_argument("--unstructured", type=_floats, default=UNSTRUCTURED)
     parser.add_argument("--structured", type=_floats, default=STRUCTURED)
+    parser.add_argument(
+        "--structures", default="unstructured,filters,channels", help="granularities to run"
+    )
     parser.add_argument("--budget", type=int, default=6, help="epochs after the dense model")
     parser.add_argument("--prune-epochs", dest="prune_epochs", type=int, default=None)
     parser.add_argument("--prune-lr", dest="prune_lr", type=float, default=0.05)
@@ -184,15 +205,17 @@ def main() -> None:
         f"where a method trains in both stages, one epoch per round for iterative LWM, "
         f"0+{args.budget} for one-shot LWM, {args.budget}+0 from a fresh network for methods "
         f"that prune at initialisation); prune lr {args.prune_lr}, finetune lr "
-        f"{args.finetune_lr}."
+        f"{args.finetune_lr}. Filter pruning keeps the classifier dense (its filters are the "
+        f"classes)."
     )
     print(header, flush=True)
     rows: list[dict[str, Any]] = []
     for method in methods:
         p = plan(method, args.budget, prune_epochs)
         structures = method_class(method).taxonomy.structures
-        jobs = [("unstructured", s) for s in args.unstructured if "unstructured" in structures]
-        jobs += [(st, s) for st in ("filters", "channels") if st in structures
+        wanted = [st for st in args.structures.split(",") if st in structures]
+        jobs = [("unstructured", s) for s in args.unstructured if "unstructured" in wanted]
+        jobs += [(st, s) for st in ("filters", "channels") if st in wanted
                  for s in args.structured]  # fmt: skip
         for structure, sparsity in jobs:
             folder = out / f"{method}-{structure}-{round(sparsity * 100)}"
@@ -208,6 +231,7 @@ def main() -> None:
     dense_row = {"clean_accuracy": dm["clean_accuracy"], "robust_accuracy": dm["robust_accuracy"],
                  "epochs": args.dense_epochs, "wall_s": round(dense_s, 1)}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
+    rows = merge_previous(out / "results.json", rows, header)
     (out / "results.json").write_text(
         json.dumps({"header": header, "dense": dense_row, "rows": rows}, indent=2) + "\n"
     )
