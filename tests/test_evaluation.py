@@ -69,14 +69,19 @@ def test_per_sample_results(report, model):
 def test_security_curve_properties(report):
     curve = report.curve
     eps, acc = np.asarray(curve["eps"]), np.asarray(curve["robust_accuracy"])
-    assert curve["attack"] == "hofmn" and eps[0] == 0 and report.eps_value in eps
+    assert curve["from"] == ["hofmn", "pgd"] and eps[0] == 0 and report.eps_value in eps
     assert (np.diff(eps) > 0).all() and eps[-1] == pytest.approx(2 * report.eps_value)
     assert (np.diff(acc) <= 0).all()  # never increases
     assert acc[0] == report.clean_accuracy  # eps 0: the clean accuracy
     at_eps = report.curve_at()
-    assert at_eps == curve["robust_accuracy_at_eps"] == report.entry("hofmn").robust_accuracy
-    d = report.samples["distance_hofmn"]
-    assert at_eps == robust_accuracy_at(d, report.eps_value) == np.mean(d > report.eps_value)
+    # the curve uses, per sample, the smallest perturbation any attack found
+    s = report.samples
+    d = s["distance_min"]
+    assert np.array_equal(d, np.minimum(s["distance_hofmn"], s["distance_pgd"]))
+    assert at_eps == curve["robust_accuracy_at_eps"] == robust_accuracy_at(d, report.eps_value)
+    assert at_eps == np.mean(d > report.eps_value) == report.robust_accuracy
+    assert at_eps <= report.entry("hofmn").robust_accuracy
+    assert at_eps <= report.entry("pgd").robust_accuracy
     assert report.entry("hofmn").robust_accuracy > 0.3  # eps 1/16 leaves many digits robust
 
 
