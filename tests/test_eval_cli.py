@@ -72,14 +72,16 @@ def test_eval_writes_report_samples_and_curve(evaluated, checkpoint):
     ]  # fmt: skip
     assert aa["config"]["version"] == "standard" and aa["seconds"] > 0
     assert hofmn["name"] == "hofmn" and hofmn["config"]["tuning"]["trials"] == 3
-    assert r["curve"]["robust_accuracy_at_eps"] == hofmn["robust_accuracy"]
+    # the curve takes each sample's smallest perturbation found by any attack
+    assert r["curve"]["from"] == ["autoattack", "hofmn"]
+    assert r["curve"]["robust_accuracy_at_eps"] == r["robust_accuracy"]
     assert r["robust_accuracy"] <= min(aa["robust_accuracy"], hofmn["robust_accuracy"])
     assert {"torch", "pyautoattack", "optuna"} <= set(r["versions"])
     assert r["model"]["checkpoint"] == str(checkpoint) and r["model"]["name"] == "digits_cnn"
     with np.load(out / "per_sample.npz") as z:
-        assert {"index", "label", "clean_pred", "success_autoattack", "distance_hofmn"} <= set(
-            z.files
-        )
+        assert {
+            "index", "label", "clean_pred", "success_autoattack", "distance_hofmn", "distance_min"
+        } <= set(z.files)  # fmt: skip
         assert z["index"].tolist() == list(range(40))
     assert "clean accuracy" in evaluated["stdout"] and "report.json" in evaluated["stdout"]
     assert "HO-FMN tuning" in evaluated["stderr"] and "autoattack" in evaluated["stderr"]  # bars
