@@ -699,12 +699,21 @@ class BoundedModel:
         p = op.params
         kernel, stride, pad, dil = p["kernel"], p["stride"], p["padding"], p["dilation"]
         n, ch, h, w = lo.shape
-        padding = (pad[1], pad[1], pad[0], pad[0])
-        lp = F.pad(lo, padding, value=-math.inf)
-        up = F.pad(hi, padding, value=-math.inf)
         kk = kernel[0] * kernel[1]
-        lw = F.unfold(lp, kernel, dilation=dil, stride=stride).view(n, ch, kk, -1)
-        uw = F.unfold(up, kernel, dilation=dil, stride=stride).view(n, ch, kk, -1)
+        tiled = (
+            kernel == stride and pad == (0, 0) and dil == (1, 1)
+            and h % kernel[0] == 0 and w % kernel[1] == 0
+        )  # fmt: skip
+        ho, wo = (h // kernel[0], w // kernel[1]) if tiled else (0, 0)
+
+        def windows(t: Tensor) -> Tensor:  # (n, ch, h, w) -> (n, ch, kk, L)
+            if tiled:  # non-overlapping windows: a reshape (much faster than unfold)
+                t = t.view(n, ch, ho, kernel[0], wo, kernel[1]).permute(0, 1, 3, 5, 2, 4)
+                return t.reshape(n, ch, kk, ho * wo)
+            t = F.pad(t, (pad[1], pad[1], pad[0], pad[0]), value=-math.inf)
+            return F.unfold(t, kernel, dilation=dil, stride=stride).view(n, ch, kk, -1)
+
+        lw, uw = windows(lo), windows(hi)
         jstar = lw.argmax(2, keepdim=True)  # (n, ch, 1, L)
         l_best = lw.gather(2, jstar).squeeze(2)
         u_others = uw.scatter(2, jstar, -math.inf).amax(2)
@@ -715,6 +724,9 @@ class BoundedModel:
         def route(a: Tensor) -> Tensor:  # coefficient on z_j* (n, s, ch, L) -> input shape
             s = a.shape[1]
             spread = a.unsqueeze(3) * onehot.unsqueeze(1)  # (n, s, ch, kk, L)
+            if tiled:
+                spread = spread.view(n, s, ch, kernel[0], kernel[1], ho, wo)
+                return spread.permute(0, 1, 2, 5, 3, 6, 4).reshape(n, s, ch, h, w)
             folded = F.fold(
                 spread.reshape(n * s, ch * kk, -1),
                 (h + 2 * pad[0], w + 2 * pad[1]),
