@@ -288,3 +288,14 @@ def test_bad_input_is_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="tanh"):
         train_stage(cfg, data, Tanh(), out=out)
     assert not out.exists()  # refused before the trainer wrote anything
+
+
+def test_certified_training_keeps_the_final_epoch(tmp_path):
+    """No best-epoch selection by PGD for certified objectives: their schedules end at the
+    last epoch, which is the model the stage saves."""
+    cfg = RunConfig(objective="ibp", eps="1/16", epochs=2, lr=0.01, progress=False)
+    data = prepare_data(cfg)
+    model, card = train_stage(cfg, data, _tiny().train(), out=tmp_path / "run")
+    assert card["training"]["best_epoch"] is None and card["objective"]["name"] == "ibp"
+    assert (tmp_path / "run" / "model.safetensors").exists()
+    assert not (tmp_path / "run" / "best.safetensors").exists()

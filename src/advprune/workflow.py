@@ -188,7 +188,8 @@ def train_stage(
     ``objective`` replaces the one ``cfg`` names (API use with a ready-made objective).
 
     The best epoch by robust validation accuracy is kept when there is validation data (and,
-    with a ``regularizer``, only among epochs where it is ready, e.g. the target is met).
+    with a ``regularizer``, only among epochs where it is ready, e.g. the target is met);
+    certified objectives keep the final epoch.
     """
     device = resolve_device(cfg.device)
     model = model.to(device)
@@ -196,8 +197,10 @@ def train_stage(
     check = getattr(objective, "check_model", None)
     if callable(check):  # objectives that bound the model reject unsupported layers now
         check(model, tuple(data.splits.info.input_shape))
-    # a smoothing-trained model is selected by clean accuracy (PGD at eps says little of it)
     no_attack = cfg.objective in ("natural", "smooth")
+    # certified objectives keep their final epoch, where their eps / weight schedules end (as
+    # the IBP, CROWN-IBP, MixTrain and smoothing references do): no best-epoch selection
+    keep_last = cfg.objective in CERTIFIED_OBJECTIVES
     tcfg = TrainConfig(
         epochs=cfg.epochs,
         lr=cfg.lr,
@@ -215,7 +218,7 @@ def train_stage(
         objective,
         data.train,
         tcfg,
-        val_loader=data.val,
+        val_loader=None if keep_last else data.val,
         # validation (model selection) uses the training attack's step count; the final
         # evaluation uses the stronger eval attack
         val_attack=None if no_attack else eval_attack(cfg, cfg.attack_steps),
