@@ -295,7 +295,7 @@ def test_certified_training_keeps_the_final_epoch(tmp_path):
     last epoch, which is the model the stage saves."""
     cfg = RunConfig(objective="ibp", eps="1/16", epochs=2, lr=0.01, progress=False)
     data = prepare_data(cfg)
-    model, card = train_stage(cfg, data, _tiny().train(), out=tmp_path / "run")
+    _, card = train_stage(cfg, data, _tiny().train(), out=tmp_path / "run")
     assert card["training"]["best_epoch"] is None and card["objective"]["name"] == "ibp"
     assert (tmp_path / "run" / "model.safetensors").exists()
     assert not (tmp_path / "run" / "best.safetensors").exists()
