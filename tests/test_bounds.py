@@ -338,3 +338,49 @@ def test_verified_points_resist_pgd_and_verified_accuracy_never_exceeds_robust_a
         assert all(r.verified_accuracy <= int(pgd_ok.sum()) / len(y) for r in results)
         assert results[-1].n == 120 and len(results[-1].verified) == 120
     assert not model.training
+
+
+def test_eval_cli_certify_writes_certified_entries(tmp_path, capsys):
+    """``advprune eval --certify``: certified entries (method and settings recorded) in the
+    report format of the attacks, alone or after an attack; bad settings: one line, exit 2."""
+    import json
+
+    from advprune.checkpoint import save_checkpoint
+    from advprune.cli import main
+
+    model, _, _ = _natural_digits_model()
+    card = {"objective": {"name": "smooth", "sigma": 0.5}}
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", model, card)
+    out = tmp_path / "cert"
+    args = ["eval", str(ckpt), "--n", "24", "--eps", "0.002", "--no-progress"]
+    rc = main(
+        [*args, "--certify", "ibp,crown,smoothing", "--smoothing-n", "300", "--out", str(out)]
+    )
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    entries = {e["name"]: e for e in report["entries"]}
+    assert list(entries) == ["ibp", "crown", "smoothing"]
+    assert all(e["kind"] == "certified" for e in entries.values())
+    assert entries["crown"]["config"]["intermediate_bounds"] == "crown"
+    assert entries["ibp"]["robust_accuracy"] <= entries["crown"]["robust_accuracy"]
+    assert entries["crown"]["robust_accuracy"] <= report["clean_accuracy"]
+    smooth = entries["smoothing"]
+    assert smooth["config"]["sigma"] == 0.5  # the training sigma of the card
+    assert (smooth["config"]["n"], smooth["config"]["n0"], smooth["config"]["alpha"]) == (
+        300, 100, 0.001
+    )  # fmt: skip
+    assert set(smooth["robust_accuracy_at"]) >= {"0", "0.25", "0.5"}
+    assert report["robust_accuracy"] is None  # no attack ran
+    assert (out / "certified_accuracy.png").exists() and (out / "certified_per_sample.npz").exists()
+    capsys.readouterr()
+    rc = main([*args, "--attacks", "pgd", "--certify", "crown-ibp", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and [e["kind"] for e in report["entries"]] == ["empirical", "certified"]
+    pgd, cert = report["entries"]
+    assert cert["robust_accuracy"] <= pgd["robust_accuracy"]
+    for bad, word in (("--certify=deeppoly", "certifier"), ("--sigma=-1", "sigma")):
+        rc = main(
+            [*args, "--certify", "smoothing", bad] if bad.startswith("--sigma") else [*args, bad]
+        )
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and word in err
