@@ -146,6 +146,11 @@ _EVAL_ONLY = (
     "hofmn_tune_steps",
     "hofmn_tune_batch",
     "check_n",
+    "certify",
+    "n0",
+    "smoothing_n",
+    "alpha",
+    "radii",
 )
 
 
@@ -167,6 +172,21 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
         "--hofmn-tune-batch", dest="hofmn_tune_batch", type=int, help="trial batch size (64)"
     )
     g.add_argument("--check-n", dest="check_n", type=int, help="points of the PGD probe (256)")
+    g = p.add_argument_group("certification (--certify; without --attacks no attack runs)")
+    g.add_argument(
+        "--certify",
+        help="comma-separated: ibp, crown-ibp, crown (verified accuracy at --eps, L∞), "
+        "smoothing (certified accuracy at L2 radii)",
+    )
+    g.add_argument(
+        "--sigma", type=float, help="smoothing noise std (default: the training sigma, or 0.25)"
+    )
+    g.add_argument("--n0", type=int, help="smoothing selection samples (100)")
+    g.add_argument(
+        "--smoothing-n", dest="smoothing_n", type=int, help="smoothing samples per point (10000)"
+    )
+    g.add_argument("--alpha", type=float, help="smoothing failure probability (0.001)")
+    g.add_argument("--radii", help="smoothing L2 radii, e.g. 0,0.25,0.5,0.75,1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -337,7 +357,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rest.checkpoint = path
     cfg = _run_config(rest)
     _require_checkpoint(cfg, "eval")
-    attacks = parse_attacks(extra.pop("attacks") or ",".join(DEFAULT_ATTACKS))
+    certify = extra.pop("certify")
+    cert_opts = {k: extra.pop(k) for k in ("n0", "smoothing_n", "alpha", "radii")}
+    attacks_text = extra.pop("attacks")
+    run_attacks = attacks_text is not None or certify is None
+    attacks = parse_attacks(attacks_text or ",".join(DEFAULT_ATTACKS)) if run_attacks else []
+    certifiers = _certifiers(certify, cert_opts) if certify is not None else None
     options = {k: v for k, v in extra.items() if v is not None}
     data = wf.prepare_data(cfg, with_val=False)
     model, card = wf.build_model(cfg, data)
@@ -350,6 +375,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "measured_sparsity": sparsity_report(model, shape).sparsity,
     }
     out = cfg.out if "out" in cfg.model_fields_set else None
+    if certifiers is not None:  # unsupported layers, sigma, eps: refused before any attack
+        from advprune.certify.evaluate import check_certifiers
+
+        opts = _certify_settings(cfg, card, certifiers)
+        check_certifiers(model, shape, opts["methods"], eps=opts["eps"], norm=opts["norm"],
+                         sigma=opts["sigma"])  # fmt: skip
+    if not run_attacks:
+        return _certify_only(args, cfg, data, model, card, model_info, certifiers, out)
     report = evaluate(
         model,
         data.splits,
@@ -366,13 +399,103 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model_info=model_info,
         **options,
     )
+    if certifiers is not None:
+        _add_certified(report, cfg, data, model, card, certifiers, out)
+    return _show_report(args, report, out, "per_sample.npz and the security curve")
+
+
+def _show_report(args: argparse.Namespace, report: Any, out: str | None, files: str) -> int:
     if args.as_json:
         _print_json(report.to_dict())
     else:
         print(report.format())
+        _print_certified(report)
         if out is not None:
-            print(f"wrote {Path(out) / 'report.json'}, per_sample.npz and the security curve")
+            print(f"wrote {Path(out) / 'report.json'}, {files}")
     return 0
+
+
+def _certifiers(text: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """Parse ``--certify`` and the smoothing settings (checked before any data is read)."""
+    from advprune.certify.evaluate import parse_certifiers, parse_radii
+    from advprune.certify.smoothing import check_alpha, check_sample_counts
+
+    names = parse_certifiers(text)
+    settings: dict[str, Any] = {"methods": names, "radii": parse_radii(opts.get("radii"))}
+    settings["n0"] = 100 if opts.get("n0") is None else opts["n0"]
+    settings["samples"] = 10_000 if opts.get("smoothing_n") is None else opts["smoothing_n"]
+    settings["alpha"] = check_alpha(0.001 if opts.get("alpha") is None else opts["alpha"])
+    if "smoothing" in names:
+        check_sample_counts(settings["samples"], settings["alpha"], settings["n0"])
+    return settings
+
+
+def _certify_settings(cfg: Any, card: dict[str, Any] | None, certifiers: dict[str, Any]):
+    """Keyword arguments of :func:`advprune.certify.evaluate.certified_entries` but the model
+    and data; sigma defaults to the one the checkpoint was trained with (else 0.25)."""
+    from advprune import workflow as wf
+
+    sigma = cfg.sigma
+    objective = (card or {}).get("objective") or {}
+    if sigma is None and isinstance(objective, dict) and objective.get("name") == "smooth":
+        sigma = objective.get("sigma")  # the noise the model was trained with
+    return {
+        "methods": certifiers["methods"],
+        "eps": cfg.eps_text(),
+        "norm": cfg.norm,
+        "n": cfg.n,
+        "sigma": 0.25 if sigma is None else sigma,
+        "n0": certifiers["n0"],
+        "samples": certifiers["samples"],
+        "alpha": certifiers["alpha"],
+        "radii": certifiers["radii"],
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "progress": cfg.progress,
+        "device": wf.resolve_device(cfg.device),
+    }
+
+
+def _certify_only(args, cfg, data, model, card, model_info, certifiers, out) -> int:
+    from advprune.certify.evaluate import certify_report
+
+    info = data.splits.info
+    report = certify_report(
+        model,
+        data.splits.test,
+        num_classes=info.num_classes,
+        dataset_name=info.name,
+        model_info=model_info,
+        out=out,
+        **_certify_settings(cfg, card, certifiers),
+    )
+    return _show_report(args, report, out, "certified_per_sample.npz")
+
+
+def _add_certified(report, cfg, data, model, card, certifiers, out) -> None:
+    """Append the certified entries to a report of attacks (and rewrite it in ``out``)."""
+    from advprune.certify.evaluate import certified_entries, save_certified
+
+    entries, arrays = certified_entries(
+        model,
+        data.splits.test,
+        num_classes=data.splits.info.num_classes,
+        plot=Path(out) / "certified_accuracy" if out is not None else None,
+        **_certify_settings(cfg, card, certifiers),
+    )
+    for entry in entries:
+        report.add_entry(entry)
+    if out is not None:
+        save_certified(report, arrays, out)
+
+
+def _print_certified(report: Any) -> None:
+    """Smoothing's certified accuracy per radius (the report table shows one number each)."""
+    for e in report.entries:
+        if e.kind == "certified" and e.robust_accuracy_at:
+            radii = "  ".join(f"r={r}: {100 * a:.2f}%" for r, a in e.robust_accuracy_at.items())
+            print(f"  {e.name} (L2, sigma {e.config.get('sigma')}): {radii}"
+                  f"  abstain {100 * e.details.get('abstention_rate', 0):.2f}%")  # fmt: skip
 
 
 def _print_summary(stage: str, path: Path, m: dict[str, Any]) -> None:
