@@ -273,7 +273,9 @@ def test_attack_mode_train_is_honoured() -> None:
 
 
 def test_list_objectives() -> None:
-    assert list_objectives() == ["fast", "mart", "natural", "pgd", "trades"]
+    assert list_objectives() == [
+        "crown-ibp", "fast", "ibp", "mart", "mixtrain", "natural", "pgd", "smooth", "trades"
+    ]  # fmt: skip  (the certified ones: advprune.training.certified)
     assert isinstance(create_objective("PGD"), PGDTraining)
     assert isinstance(create_objective("trades"), TRADES)
     assert isinstance(create_objective("mart"), MART)
@@ -285,7 +287,10 @@ def test_unknown_objective_name() -> None:
     with pytest.raises(UnknownNameError) as info:
         create_objective("madry")
     msg = str(info.value)
-    assert msg == "unknown objective 'madry'; valid objectives: fast, mart, natural, pgd, trades"
+    assert msg == (
+        "unknown objective 'madry'; valid objectives: crown-ibp, fast, ibp, mart, mixtrain, "
+        "natural, pgd, smooth, trades"
+    )
     assert isinstance(info.value, KeyError)
 
 
