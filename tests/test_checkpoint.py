@@ -202,3 +202,27 @@ def test_masks_for_unknown_layers_name_the_checkpoint(tmp_path) -> None:
     card_path(path).write_text(json.dumps(card))
     with pytest.raises(CheckpointError, match=r"u\.json.*no\.such\.layer"):
         load_checkpoint(path)
+
+
+def test_method_mask_kinds_load_without_importing_the_methods(tmp_path) -> None:
+    """A checkpoint with a plug-in's mask kind (HYDRA's) loads in a fresh process that only
+    imports advprune.checkpoint (as `advprune export` / `info` do)."""
+    import subprocess
+    import sys
+
+    from advprune.methods import create_method
+
+    model = create("digits_cnn", width=4)
+    create_method("hydra", 0.9).prune(model)
+    save_checkpoint(tmp_path / "m.safetensors", model, {})
+    code = (
+        "import sys; from advprune.checkpoint import load_checkpoint; "
+        "m, card = load_checkpoint(sys.argv[1]); "
+        "print(sorted({s['kind'] for s in card['masks'].values()}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "m.safetensors")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['hydra']"

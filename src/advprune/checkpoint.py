@@ -220,6 +220,7 @@ def load_checkpoint(
     card, masks are re-attached, and the state dict is loaded with ``strict=True``. Any
     mismatch is a :class:`CheckpointError`, never a partly random model.
     """
+    import advprune.methods  # noqa: F401  (registers the mask kinds of the method plug-ins)
     from advprune.models import ModelSpec
     from advprune.sparsity import restore_masks
 
