@@ -384,3 +384,24 @@ def test_eval_cli_certify_writes_certified_entries(tmp_path, capsys):
         )
         err = capsys.readouterr().err
         assert rc == 2 and err.count("\n") == 1 and word in err
+
+
+@pytest.mark.parametrize("name", ["cnn7", "resnet18", "resnet50", "vgg16", "wrn28_4"])
+def test_shipped_cifar_architectures_trace_and_ibp_bounds_hold(name):
+    """IBP and CROWN-IBP run on the shipped CIFAR architectures (residual blocks, bottlenecks,
+    pre-activation blocks, max-pool stacks); full CROWN is refused for them (too many
+    neurons). vgg16_bn and wrn28_10 are the same layer types, larger."""
+    torch.manual_seed(7)
+    model = _randomise_bn(create(name))
+    bm = BoundedModel(model, (3, 32, 32))
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        lo, hi = bm.bounds(x, 1 / 255, "ibp")
+        logits = model(_points_in_ball(x, 1 / 255, 16)[0])
+    assert (logits >= lo - 1e-4).all() and (logits <= hi + 1e-4).all()
+    if name == "resnet18":
+        with torch.no_grad():
+            lo2, _ = bm.bounds(x, 1 / 255, "crown-ibp")
+        assert (lo2 >= lo - 1e-5).all() and (logits >= lo2 - 1e-4).all()
+    with pytest.raises(ConfigError, match="full CROWN"):
+        bm.check_method("crown", (3, 32, 32))
