@@ -34,8 +34,9 @@ def _randomise_bn(model: nn.Module) -> nn.Module:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean.normal_(0, 0.2)
             m.running_var.uniform_(0.3, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.2)
+            if m.affine:
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.normal_(0, 0.2)
     return model.eval()
 
 
@@ -66,8 +67,13 @@ def _models() -> dict[str, nn.Module]:
     )
     masked = _randomise_bn(create("digits_cnn", in_channels=1, width=4))
     prune_magnitude(masked, 0.7)
+    # the robust-binary-subnetwork variant: non-affine BatchNorm, 1x1-conv head + logits BN
+    binary_head = _randomise_bn(
+        create("digits_cnn", in_channels=1, width=4, head="conv-bn", bn_affine=False)
+    )
     return {
         "digits_cnn": digits,
+        "digits_cnn_conv_bn_head": binary_head,
         "cnn7": cnn7,
         "resnet_block": _randomise_bn(TinyResNet()),
         "digits_cnn_masked": masked,

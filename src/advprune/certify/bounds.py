@@ -33,16 +33,18 @@ the ``normalize`` layer (per-channel affine), Conv2d (zero padding, any stride /
 groups), Linear, BatchNorm1d/2d (eval mode: running statistics; train mode: the batch
 statistics of the clean forward pass, as auto_LiRPA does), ReLU (module, ``F.relu``,
 ``Tensor.relu``), MaxPool2d (``ceil_mode=False``), AvgPool2d, AdaptiveAvgPool2d (module or
-function), flatten / view / reshape keeping the batch dimension, residual ``+`` of two
-tensors, Identity and Dropout (only in eval mode or with ``p=0``).
+function), flatten / view / reshape keeping the batch dimension (sizes from ``x.size()`` /
+``x.shape`` allowed), residual ``+`` of two tensors, Identity and Dropout (only in eval mode
+or with ``p=0``).
 
 Architectures advprune ships: ``digits_cnn``, ``cnn7``, ``resnet18/34/50``, ``vgg16``,
-``vgg16_bn`` (eval mode; its dropout is not supported in train mode), ``wrn28_4/10`` all trace
-to supported operations, so IBP and CROWN-IBP work on all of them (IBP bounds of deep,
-non-certifiably-trained ResNets / WRNs are loose to the point of being vacuous). Full CROWN
-is refused for models above ``max_crown_neurons`` (default 20,000) ReLU / max-pool neurons
-per input: ``digits_cnn`` and ``cnn7`` on 8x8 digits qualify; ``cnn7``, ResNets, VGG and WRN
-on 32x32 CIFAR images do not. Masked (pruned) layers work unchanged: the effective weight
+``vgg16_bn`` (eval mode; its dropout is not supported in train mode), ``wrn28_4/10`` and their
+``head="conv"`` / ``"conv-bn"`` and ``bn_affine=False`` variants all trace to supported
+operations, so IBP and CROWN-IBP work on all of them (IBP bounds of deep, not certifiably
+trained ResNets / WRNs are loose to the point of being vacuous). Full CROWN is refused for
+models above ``max_crown_neurons`` (default 20,000) ReLU / max-pool neurons per input:
+``digits_cnn`` and ``cnn7`` on 8x8 digits qualify; ``cnn7``, ResNets, VGG and WRN on 32x32
+CIFAR images do not. Masked (pruned) layers work unchanged: the effective weight
 ``module.weight`` of the torch parametrisation is used, and gradients reach mask scores.
 
 Only the L∞ norm is supported; the input box is intersected with ``[0, 1]``.
@@ -195,7 +197,7 @@ class BoundedModel:
         self.model = model
         self.name = _model_name(model)
         self.max_crown_neurons = int(max_crown_neurons)
-        self._meta_nodes: set[fx.Node] = set()  # size() calls feeding reshapes
+        self._meta_nodes: set[fx.Node] = set()  # size() / .shape[i] feeding reshapes
         self.ops = self._compile(model)
         self.output = self.ops[-1].inputs[0]
         self._relaxed = sorted({op.inputs[0] for op in self.ops if op.kind in ("relu", "maxpool")})
@@ -265,7 +267,7 @@ class BoundedModel:
             return _Op(0, "output", label, (where[arg],), node=node)
         if node.op == "get_attr":
             raise self._unsupported(f"a tensor attribute ({node.target}) inside forward")
-        if node.op == "call_method" and node.target == "size":
+        if self._is_meta(node):  # x.size(0), x.shape[0]: shape arithmetic for reshapes
             self._meta_nodes.add(node)
             return None
         args = self._tensor_args(node, where)
@@ -301,6 +303,15 @@ class BoundedModel:
                 return _Op(0, "add", label, args, node=node)
             raise self._unsupported(f"the tensor method .{target}() ({label})")
         raise self._unsupported(f"the graph node {node.op} {target}")
+
+    def _is_meta(self, node: fx.Node) -> bool:
+        if node.op == "call_method" and node.target in ("size", "dim"):
+            return True
+        if node.op == "call_function" and node.target is getattr:
+            return node.args[1] in ("shape", "ndim")
+        if node.op == "call_function" and node.target is operator.getitem:
+            return isinstance(node.args[0], fx.Node) and node.args[0] in self._meta_nodes
+        return False
 
     @staticmethod
     def _partial(node: fx.Node) -> Callable[[Tensor], Tensor]:
@@ -405,9 +416,13 @@ class BoundedModel:
         batch = x.shape[0]
         out: Tensor | None = None
         for node, op in self._walk():
-            if op is None:  # a size() call: evaluate for the reshapes that use it
+            if op is None:  # shape arithmetic: evaluate for the reshapes that use it
                 args = fx.node.map_arg(node.args, lambda n: env[n])
-                env[node] = args[0].size(*args[1:])
+                if node.op == "call_method":
+                    env[node] = getattr(args[0], str(node.target))(*args[1:])
+                else:
+                    assert callable(node.target)
+                    env[node] = node.target(*args)
                 continue
             if op.kind == "input":
                 value = x
