@@ -427,3 +427,10 @@ def test_digits_cnn_is_adversarially_trainable():
         robust = (model(x_adv).argmax(1) == y_test).float().mean().item()
     assert clean > 0.85
     assert robust > 0.5
+
+
+def test_image_size_keyword_sets_the_spec_input_size() -> None:
+    model = create("cnn7", num_classes=10, in_channels=1, image_size=8)
+    assert model.spec.input_size == (1, 8, 8)
+    assert model(torch.rand(2, *model.spec.input_size)).shape == (2, 10)
+    assert create("cnn7").spec.input_size == (3, 32, 32)

@@ -163,8 +163,11 @@ class ModelSpec:
 
     @property
     def input_size(self) -> tuple[int, int, int]:
-        """The model's natural ``(C, H, W)`` input."""
-        return default_input_size(self.name, self.in_channels)
+        """The model's natural ``(C, H, W)`` input (a model built with an ``image_size``
+        keyword, such as ``cnn7`` for 8x8 digits, takes ``image_size`` x ``image_size``)."""
+        c, h, w = default_input_size(self.name, self.in_channels)
+        side = self.kwargs.get("image_size")
+        return (c, int(side), int(side)) if side is not None else (c, h, w)
 
 
 def create(
