@@ -118,3 +118,13 @@ def test_bad_input_is_one_line_before_any_attack(checkpoint, tmp_path):
     fails(["eval", checkpoint, "--checkpoint", tmp_path / "other.safetensors"], "two checkpoints")
     fails(["eval", checkpoint, "--hofmn-trials", "0", "--out", out], "hofmn_trials")
     assert not out.exists()
+
+
+def test_eps_grid_flag_sets_the_curve_grid(checkpoint, tmp_path):
+    out = tmp_path / "grid"
+    rc, _, err = run(["eval", checkpoint, "--attacks", "fmn", "--eps", "1/8", *FAST,
+                      "--eps-grid", "0,1/16,1/4", "--out", out, "--no-progress"])  # fmt: skip
+    assert rc == 0, err
+    curve = json.loads((out / "report.json").read_text())["curve"]
+    assert curve["eps"] == [0.0, 1 / 16, 1 / 8, 1 / 4]
+    fails(["eval", checkpoint, "--attacks", "fmn", "--eps-grid", "0,4", *FAST], "4/255")

@@ -291,3 +291,17 @@ def test_any_module_and_tensor_data(model, tmp_path):
     d = masked.samples["distance_fmn"]
     correct = masked.samples["clean_correct"]
     assert np.isinf(d[correct]).all() and (d[~correct] == 0).all()  # failed: +inf, not 0
+
+
+def test_custom_eps_grid_with_exact_fractions(model, splits):
+    x, y = digits_test(32)
+    rep = evaluate(model, (x, y), eps="1/16", attacks="fmn", eps_grid="0, 1/32, 1/8", **FAST)
+    eps = rep.curve["eps"]
+    assert eps == [0.0, 1 / 32, 1 / 16, 1 / 8]  # eps added, sorted, exact
+    d = rep.samples["distance_min"]
+    assert rep.curve["robust_accuracy"] == [float(np.mean(d > e)) for e in eps]
+    assert rep.settings["eps_grid"] == eps
+    with pytest.raises(ConfigError, match="did you mean 8/255"):
+        evaluate(model, (x, y), eps="1/16", attacks="fmn", eps_grid="0,8", **FAST)
+    with pytest.raises(ConfigError, match="eps_grid is empty"):
+        evaluate(model, (x, y), eps="1/16", attacks="fmn", eps_grid=" , ", **FAST)

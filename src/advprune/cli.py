@@ -146,6 +146,7 @@ _EVAL_ONLY = (
     "hofmn_tune_steps",
     "hofmn_tune_batch",
     "check_n",
+    "eps_grid",
     "certify",
     "n0",
     "smoothing_n",
@@ -172,6 +173,12 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
         "--hofmn-tune-batch", dest="hofmn_tune_batch", type=int, help="trial batch size (64)"
     )
     g.add_argument("--check-n", dest="check_n", type=int, help="points of the PGD probe (256)")
+    g.add_argument(
+        "--eps-grid",
+        dest="eps_grid",
+        help="security-curve grid, comma-separated, e.g. 0,2/255,4/255,8/255,16/255 "
+        "(default: 101 points on [0, 2 eps]; eps is always included)",
+    )
     g = p.add_argument_group("certification (--certify; without --attacks no attack runs)")
     g.add_argument(
         "--certify",

@@ -409,6 +409,7 @@ def evaluate(
     check_n: int = 256,
     probe_steps: int = 50,
     curve_points: int = 101,
+    eps_grid: str | Sequence[str | float] | None = None,
     tune_data: Any = None,
     out: str | Path | None = None,
     device: torch.device | str | None = None,
@@ -438,6 +439,8 @@ def evaluate(
             trial and the size of each trial's fresh batch from the tuning split.
         check_n, probe_steps: points and steps of the PGD probe of the failure checks.
         curve_points: points of the security-curve grid on [0, 2 eps] (eps itself included).
+        eps_grid: the curve's grid instead (comma-separated text or a sequence; exact
+            fractions such as ``"4/255"`` accepted; eps is added if missing).
         tune_data: tuning split for HO-FMN (a dataset or ``(x, y)``) when ``data`` has none.
         out: folder for ``report.json``, ``per_sample.npz``, ``security_curve.png/.svg``, the
             HO-FMN study and per-batch progress (resumable); ``None`` writes nothing.
@@ -472,6 +475,7 @@ def evaluate(
         ("check_n", check_n), ("probe_steps", probe_steps), ("curve_points", curve_points),
     ):  # fmt: skip
         _positive(key, value)
+    grid = _eps_grid(eps_grid, eps_value, norm, curve_points)
     eps_text = str(eps).strip() if isinstance(eps, str) else repr(eps_value)
     settings = {
         "attacks": list(names), "eps": eps_text, "eps_value": eps_value, "norm": norm, "n": n,
@@ -479,6 +483,7 @@ def evaluate(
         "pgd_steps": pgd_steps, "fmn_steps": fmn_steps, "hofmn_trials": hofmn_trials,
         "hofmn_tune_steps": hofmn_tune_steps, "hofmn_tune_batch": hofmn_tune_batch,
         "check_n": check_n, "probe_steps": probe_steps, "curve_points": curve_points,
+        "eps_grid": None if eps_grid is None else grid.tolist(),
     }  # fmt: skip
     device = torch.device(device) if device is not None else _model_device(model)
     model = model.to(device)
@@ -559,7 +564,6 @@ def evaluate(
         samples["distance_min"] = np.min(
             np.stack([samples[f"distance_{name}"] for name in names]), axis=0
         )
-        grid = default_eps_grid(eps_value, curve_points)
         acc = security_curve(samples["distance_min"], grid)
         curve = {
             "attack": "min",
@@ -593,6 +597,20 @@ def evaluate(
     if out_path is not None:
         _write_outputs(report, out_path, names)
     return report
+
+
+def _eps_grid(
+    text: str | Sequence[str | float] | None, eps_value: float, norm: str, points: int
+) -> np.ndarray:
+    """The security curve's grid: ``text`` (comma-separated or a sequence, each value checked
+    like eps) with eps added, sorted; default: ``points`` values on [0, 2 eps]."""
+    if text is None:
+        return default_eps_grid(eps_value, points)
+    items = text.split(",") if isinstance(text, str) else list(text)
+    values = [check_eps(str(v).strip(), norm, "eps_grid value") for v in items if str(v).strip()]
+    if not values:
+        raise ConfigError("eps_grid is empty; give values such as 0,4/255,8/255,16/255")
+    return np.unique(np.asarray([*values, eps_value], dtype=np.float64))
 
 
 def _run_named(
