@@ -20,12 +20,7 @@ METHODS = ("ibp", "crown-ibp", "crown")
 TOL = 1e-5  # float32 rounding between the bound arithmetic and the forward pass
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise_bn(model: nn.Module) -> nn.Module:

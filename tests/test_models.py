@@ -54,14 +54,7 @@ STEM_AND_HEAD = {
 _CACHE: dict[str, nn.Module] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run single-threaded: these small batches gain little from threads, and on a busy machine
-    OpenMP threads spinning against each other made the file 5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cached(name: str) -> nn.Module:

@@ -23,13 +23,7 @@ from advprune.certify import (
 from advprune.certify.smoothing import lower_confidence_bound, min_certify_samples
 from advprune.errors import ConfigError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Scripted(nn.Module):
