@@ -370,17 +370,6 @@ def plot_certified_accuracy(
         curve = res.curve(radii)
         ax.step(curve["radius"], [100 * a for a in curve["certified_accuracy"]], where="post",
                 label=label)  # fmt: skip
-    ax.set_xlabel("L2 radius")
-    ax.set_ylabel("certified accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_xlim(left=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    if path is not None:
-        from advprune.evaluation.curve import save_figure
+    from advprune.evaluation.curve import finish_accuracy_plot
 
-        save_figure(fig, path)
-    return fig
+    return finish_accuracy_plot(fig, ax, "L2 radius", "certified accuracy (%)", title, path)

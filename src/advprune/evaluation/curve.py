@@ -131,8 +131,18 @@ def plot_security_curve(
         ax.plot(xs, 100 * np.asarray(ys), label=label if reliable else f"{label} (UNRELIABLE)")
     if eps is not None:
         ax.axvline(eps, linestyle="--", color="gray", linewidth=1, label=f"eps = {eps:.4g}")
-    ax.set_xlabel(f"eps ({norm})" if norm else "eps")
-    ax.set_ylabel("robust accuracy (%)")
+    return finish_accuracy_plot(
+        fig, ax, f"eps ({norm})" if norm else "eps", "robust accuracy (%)", title, path
+    )
+
+
+def finish_accuracy_plot(
+    fig: Any, ax: Any, xlabel: str, ylabel: str, title: str | None, path: str | Path | None
+) -> Any:
+    """Label and style an accuracy-versus-radius plot (0-100 %, from 0), save it as PNG + SVG
+    when ``path`` is given, and return the figure (security and certified-accuracy curves)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
