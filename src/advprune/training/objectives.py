@@ -218,8 +218,22 @@ def _small_gaussian_start(x: Tensor) -> Tensor:
     return x + 0.001 * torch.randn_like(x)
 
 
+class _CrossEntropyOnAttack(AdversarialObjective):
+    """Cross-entropy on the examples of ``self.attack`` (a PGD / FGSM instance set by the
+    subclass): the loss of PGD-AT and of FGSM-RS."""
+
+    attack: Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return self.attack(model, x, y)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
+        logits_adv = model(self.perturb(model, x, y))
+        return ObjectiveOutput(F.cross_entropy(logits_adv, y), logits_adv)
+
+
 @register_objective("pgd")
-class PGDTraining(AdversarialObjective):
+class PGDTraining(_CrossEntropyOnAttack):
     """PGD adversarial training (Madry et al., "Towards Deep Learning Models Resistant to
     Adversarial Attacks", ICLR 2018): ``CE(f(x_adv), y)`` (batch mean) with ``x_adv`` from
     :class:`~advprune.attacks.PGD` (cross-entropy, uniform random start).
@@ -254,13 +268,6 @@ class PGDTraining(AdversarialObjective):
             model_mode=self.attack_mode,
         )
         self.random_start = self.attack.random_start
-
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        return self.attack(model, x, y)
-
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
-        logits_adv = model(self.perturb(model, x, y))
-        return ObjectiveOutput(F.cross_entropy(logits_adv, y), logits_adv)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "random_start": self.random_start}
@@ -397,7 +404,7 @@ class MART(_BetaObjective):
 
 
 @register_objective("fast")
-class FastAT(AdversarialObjective):
+class FastAT(_CrossEntropyOnAttack):
     """Fast adversarial training with FGSM-RS (Wong et al., "Fast is better than free:
     Revisiting adversarial training", ICLR 2020): ``CE(f(x_adv), y)`` with ``x_adv`` one FGSM
     step of ``step_size`` from a uniform random start, projected onto the ball and [0, 1]
@@ -425,13 +432,6 @@ class FastAT(AdversarialObjective):
             eps=self.eps, step_size=step_size, norm=self.norm, model_mode=self.attack_mode
         )
         self.step_size = self.attack.step_size
-
-    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        return self.attack(model, x, y)
-
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
-        logits_adv = model(self.perturb(model, x, y))
-        return ObjectiveOutput(F.cross_entropy(logits_adv, y), logits_adv)
 
     def config(self) -> dict[str, Any]:
         cfg = super().config()
