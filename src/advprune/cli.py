@@ -254,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+
+    from advprune.bench.commands import register_all
+
+    p = sub.add_parser("bench", help="results store and grid runs of the benchmark")
+    bench = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH_COMMAND")
+    register_all(sub, bench)
     return parser
 
 
@@ -597,7 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exc.code or 0
         return EXIT_USAGE
     try:
-        return COMMANDS[args.command](args)
+        func = getattr(args, "func", None) or COMMANDS[args.command]
+        return func(args)
     except AdvpruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
