@@ -1,0 +1,205 @@
+"""The SQLite results store: round trips, transactions, concurrent writers, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import sqlite3
+
+import pytest
+import torch
+
+from _digits_models import digits_splits
+from advprune.bench.store import ResultsStore, protocol_of
+from advprune.checkpoint import sha256_file
+from advprune.cli import main
+from advprune.errors import ConfigError, DataError
+from advprune.evaluation import Entry, Flag, Report, evaluate
+from advprune.models import create
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KEY = "HYDRA_Sehwag2020Hydra_DCNN_DIGITS_US_90"
+
+
+def make_report(robust: float = 0.5, flags: list[Flag] | None = None, key: str | None = None):
+    """A hand-made report with two attacks and a curve (inf / nan in details)."""
+    entries = [
+        Entry(
+            "autoattack",
+            "empirical",
+            {"version": "standard"},
+            12.5,
+            robust + 0.1,
+            details={"per_attack": {"apgd-ce": robust + 0.2}},
+        ),
+        Entry(
+            "hofmn",
+            "empirical",
+            {"steps": 200},
+            3.0,
+            robust + 0.05,
+            flags=list(flags or []),
+            details={"median": math.inf, "bad": math.nan},
+        ),
+    ]
+    return Report(
+        n=100,
+        clean_accuracy=0.9,
+        robust_accuracy=robust,
+        eps="3/16",
+        eps_value=3 / 16,
+        norm="linf",
+        entries=entries,
+        dataset="digits",
+        curve={"attack": "all", "eps": [0.0, 3 / 16], "robust_accuracy": [0.9, robust]},
+        model={"key": key} if key else {},
+        created="2026-11-21T00:00:00+00:00",
+    )
+
+
+def test_round_trip_every_field(tmp_path):
+    store = ResultsStore(tmp_path / "r.sqlite")
+    rows = store.add_report(make_report(flags=[Flag("zero_gradients", "m", "hofmn")]), KEY)
+    assert [r.attack for r in rows] == ["autoattack", "hofmn", "worst-case"]
+    aa, ho, worst = rows
+    assert aa.robust_accuracy == pytest.approx(0.6) and aa.config == {"version": "standard"}
+    assert aa.details == {"per_attack": {"apgd-ce": 0.7}} and aa.seconds == 12.5
+    assert math.isinf(ho.details["median"]) and math.isnan(ho.details["bad"])
+    assert worst.robust_accuracy == 0.5 and worst.kind == "worst-case"
+    assert worst.seconds == pytest.approx(15.5)
+    for r in rows:
+        assert (r.key, r.protocol, r.n, r.eps, r.norm) == (KEY, "linf-3/16", 100, "3/16", "linf")
+        assert r.eps_value == 3 / 16 and r.clean_accuracy == 0.9 and r.dataset == "digits"
+        assert r.reliable is False  # the hofmn flag makes the whole report unreliable
+        assert r.per_sample_path is None and r.model_key.arch == "DCNN"
+    assert [f["name"] for f in ho.flags] == ["zero_gradients"] and aa.flags == []
+    assert [f["name"] for f in worst.flags] == ["zero_gradients"]
+    stored = store.report(KEY, "linf-3/16")
+    assert stored["curve"]["robust_accuracy"] == [0.9, 0.5]
+    assert Report.from_dict(stored).entry("hofmn").details["median"] == math.inf
+    assert store.keys() == [KEY] and store.has(KEY) and store.has(KEY, "linf-3/16")
+    assert not store.has(KEY, "l2-1/2") and store.protocols() == ["linf-3/16"]
+
+
+def test_real_evaluation_report_and_per_sample_hash(tmp_path):
+    splits = digits_splits()
+    x = torch.stack([splits.test[i][0] for i in range(24)])
+    y = torch.tensor([splits.test[i][1] for i in range(24)])
+    torch.manual_seed(0)
+    out = tmp_path / "eval"
+    report = evaluate(create("digits_cnn", width=4), (x, y), eps="3/16", attacks=("pgd",), out=out)
+    store = ResultsStore(tmp_path / "r.sqlite")
+    rows = store.add_report(out / "report.json", KEY)
+    assert rows[0].per_sample_path == str((out / "per_sample.npz").resolve())
+    assert rows[0].per_sample_sha256 == sha256_file(out / "per_sample.npz")
+    assert rows[-1].robust_accuracy == pytest.approx(report.robust_accuracy)
+    assert protocol_of(report) == "linf-3/16"
+    (out / "per_sample.npz").unlink()
+    with pytest.raises(DataError, match="per-sample file"):
+        store.add_report(out, "LWM_Han2015Learning_DCNN_DIGITS_US_90")
+    assert store.keys() == [KEY]
+
+
+def test_readd_replaces_rows_of_the_same_protocol(tmp_path):
+    store = ResultsStore(tmp_path / "r.sqlite")
+    store.add_report(make_report(0.5), KEY)
+    report = make_report(0.3)
+    report.entries = report.entries[:1]
+    store.add_report(report, KEY)
+    rows = store.results(key=KEY)
+    assert [r.attack for r in rows] == ["autoattack", "worst-case"]
+    assert rows[-1].robust_accuracy == 0.3
+    assert store.remove(KEY) == 2 and store.keys() == []
+
+
+def test_key_checked_before_any_write(tmp_path):
+    path = tmp_path / "r.sqlite"
+    store = ResultsStore(path)
+    store.add_report(make_report(key=KEY))  # the key from report.model
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match="architecture"):
+        store.add_report(make_report(), "HYDRA_R99_DIGITS_US_90")
+    with pytest.raises(ConfigError, match="model key"):
+        store.add_report(make_report())
+    assert path.read_bytes() == before
+
+
+def test_foreign_files_refused_and_untouched(tmp_path):
+    other = tmp_path / "other.sqlite"
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE users (name TEXT)")
+    con.commit()
+    con.close()
+    before = other.read_bytes()
+    with pytest.raises(ConfigError, match="not an advprune results store"):
+        ResultsStore(other).add_report(make_report(), KEY)
+    assert other.read_bytes() == before
+    text = tmp_path / "notes.sqlite"
+    text.write_text("hello " * 200)
+    with pytest.raises(ConfigError):
+        ResultsStore(text).results()
+    assert text.read_text() == "hello " * 200
+    with pytest.raises(ConfigError, match="no results store"):
+        ResultsStore(tmp_path / "missing.sqlite").results()
+    assert not (tmp_path / "missing.sqlite").exists()
+
+
+def test_failed_write_keeps_the_old_rows(tmp_path, monkeypatch):
+    store = ResultsStore(tmp_path / "r.sqlite")
+    store.add_report(make_report(0.5), KEY)
+
+    def crash(con, sql, rows):
+        con.executemany(sql, rows[:1])  # half the rows, after the delete
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(ResultsStore, "_insert", staticmethod(crash))
+    with pytest.raises(RuntimeError):
+        store.add_report(make_report(0.1), KEY)
+    rows = store.results(key=KEY)
+    assert [r.attack for r in rows] == ["autoattack", "hofmn", "worst-case"]
+    assert rows[-1].robust_accuracy == 0.5
+
+
+def _writer(path: str, worker: int, count: int) -> None:
+    store = ResultsStore(path)
+    for i in range(count):
+        store.add_report(make_report(0.5), f"W{worker}_DCNN_DIGITS_US_{i + 1}")
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    path = str(tmp_path / "r.sqlite")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(path, w, 25)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    store = ResultsStore(path)
+    assert len(store.keys()) == 100
+    assert len(store.results()) == 300
+
+
+def test_cli_add_list_show(tmp_path, capsys, monkeypatch):
+    report = make_report(key=KEY)
+    report_path = report.save(tmp_path / "report.json")
+    db = tmp_path / "r.sqlite"
+    assert main(["bench", "add", str(report_path), "--store", str(db)]) == 0
+    monkeypatch.setenv("ADVPRUNE_STORE", str(db))
+    capsys.readouterr()
+    assert main(["bench", "list"]) == 0
+    out = capsys.readouterr().out
+    assert KEY in out and "UNRELIABLE" not in out and "50.00" in out
+    assert main(["bench", "show", KEY, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["attack"] for r in rows} == {"autoattack", "hofmn", "worst-case"}
+    assert main(["bench", "list", "--method", "LWM"]) == 0
+    assert KEY not in capsys.readouterr().out
+    assert main(["bench", "show", "HARP_Zhao2023Holistic_R18_CIFAR10_US_90"]) == 2
+    assert "no results" in capsys.readouterr().err
+    bare = make_report().save(tmp_path / "bare" / "report.json")
+    assert main(["bench", "add", str(bare.parent), "--store", str(db)]) == 2
+    assert "--key" in capsys.readouterr().err
+    assert main(["bench", "list", "--store", str(tmp_path / "none.sqlite")]) == 2
