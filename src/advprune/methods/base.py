@@ -53,6 +53,7 @@ class Taxonomy:
     scopes: tuple[str, ...]
     criterion: str
     reference: str = ""
+    ap_key: str = ""  # the method's key in the benchmark's taxonomy (advprune.bench.taxonomy)
 
     def __post_init__(self) -> None:
         assert self.pipeline in PIPELINES, self.pipeline

@@ -102,6 +102,7 @@ class BinarySubnet(Method):
             "Liu et al., Robust Binary Models by Pruning Randomly-initialized Networks, "
             "NeurIPS 2022"
         ),
+        ap_key="Binary_Liu2022Robust",
     )
     stages: ClassVar[tuple[str, ...]] = ("prune",)
     trains: ClassVar[dict[str, tuple[str, ...]]] = {"prune": ("scores",)}

@@ -390,6 +390,7 @@ class HARP(Method):
         scopes=("local",),
         criterion="learned scores ranked per layer, learned layer rates under a global budget",
         reference="Zhao & Wressnegger, Holistic Adversarially Robust Pruning, ICLR 2023",
+        ap_key="HARP_Zhao2023Holistic",
     )
     stages: ClassVar[tuple[str, ...]] = ("pretrain", "prune", "finetune")
     trains: ClassVar[dict[str, tuple[str, ...]]] = {

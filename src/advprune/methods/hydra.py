@@ -106,6 +106,7 @@ class HYDRA(Method):
         criterion="importance scores learned with the robust objective",
         reference="Sehwag et al., HYDRA: Pruning Adversarially Robust Neural Networks, "
         "NeurIPS 2020",
+        ap_key="HYDRA_Sehwag2020Hydra",
     )
     stages: ClassVar[tuple[str, ...]] = ("pretrain", "prune", "finetune")
     trains: ClassVar[dict[str, tuple[str, ...]]] = {

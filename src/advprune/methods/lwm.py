@@ -59,7 +59,9 @@ class LWM(Method):
     """
 
     name: ClassVar[str] = "lwm"
-    taxonomy: ClassVar[Taxonomy] = Taxonomy(pipeline="after", schedule="one-shot", **_LWM_TAXONOMY)
+    taxonomy: ClassVar[Taxonomy] = Taxonomy(
+        pipeline="after", schedule="one-shot", ap_key="LWM_Han2015Learning", **_LWM_TAXONOMY
+    )
     stages: ClassVar[tuple[str, ...]] = ("pretrain", "prune", "finetune")
     trains: ClassVar[dict[str, tuple[str, ...]]] = {
         "pretrain": ("weights", "bn"),
@@ -87,6 +89,7 @@ class IterativeLWM(LWM):
     taxonomy: ClassVar[Taxonomy] = Taxonomy(
         pipeline="after",
         schedule="iterative",
+        ap_key="LWMIT_Zhu2017Prune",
         **{**_LWM_TAXONOMY, "reference": "Zhu & Gupta, To prune, or not to prune, 2017"},
     )
     trains: ClassVar[dict[str, tuple[str, ...]]] = {

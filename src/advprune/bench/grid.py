@@ -1,0 +1,335 @@
+"""Grid runs: prune, finetune and evaluate every (method x architecture x dataset x sparsity).
+
+A grid file (YAML) names the jobs::
+
+    name: bench_digits
+    base: {dataset: digits, model: digits_cnn, objective: pgd, eps: 3/16, ...}  # RunConfig
+    pretrain: {epochs: 15}              # the shared dense model, per (architecture, dataset)
+    methods:
+      hydra: {options: {}, prune: {epochs: 3, lr: 0.05}, finetune: {epochs: 3, lr: 0.01}}
+      lwm: {finetune: {epochs: 6}}
+    architectures: [digits_cnn]         # default: base.model
+    datasets: [digits]                  # default: base.dataset
+    structures: [unstructured]
+    sparsities: {unstructured: [0.9, 0.95, 0.99]}
+    evaluation: {attacks: [autoattack, hofmn], eps: 3/16, n: null}
+
+Each job runs in ``OUT/jobs/<model key>/``: ``prune/`` and ``finetune/`` (the method's
+stages; a stage whose ``done`` marker exists is reused, an interrupted one resumes from its
+last epoch), ``export/`` (the plain dense checkpoint) and ``eval/`` (the report; resumes per
+batch); then the report is added to the results store under the job's model key. A job whose
+key and protocol are in the store is skipped. The dense model of each (architecture,
+dataset) is trained once in ``OUT/dense/<arch>_<dataset>/`` under a file lock.
+
+``run_grid`` starts one process per job (``advprune bench run GRID --job K``), so a failure
+or a crash stays in its job; a cluster scheduler can run ``--job K`` itself (``--list``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from advprune.bench.keys import make_key
+from advprune.errors import ConfigError
+
+__all__ = ["Grid", "Job", "jobs", "load_grid", "run_grid", "run_job"]
+
+DONE = "done"
+
+
+class MethodSpec(BaseModel):
+    """One method of a grid: its options and the settings of its prune / finetune stages."""
+
+    model_config = ConfigDict(extra="forbid")
+    options: dict[str, Any] = {}
+    prune: dict[str, Any] = {}
+    finetune: dict[str, Any] = {}
+
+
+class EvaluationSpec(BaseModel):
+    """How each job's final model is evaluated (``advprune.evaluation.evaluate``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    attacks: list[str] = ["autoattack", "hofmn"]
+    eps: str | None = None  # None: the base setting, else the dataset's default
+    n: int | None = None
+    batch_size: int = 128
+    seed: int = 0
+    options: dict[str, Any] = {}  # further evaluate() keywords (aa_version, hofmn_trials, ...)
+
+    @field_validator("eps", mode="before")
+    @classmethod
+    def _eps_text(cls, value: Any) -> Any:
+        return None if value is None else str(value)
+
+
+class Grid(BaseModel):
+    """A validated grid file (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "grid"
+    base: dict[str, Any] = {}
+    pretrain: dict[str, Any] = {}
+    methods: dict[str, MethodSpec]
+    architectures: list[str] | None = None
+    datasets: list[str] | None = None
+    structures: list[str] = ["unstructured"]
+    sparsities: dict[str, list[float]]
+    evaluation: EvaluationSpec = EvaluationSpec()
+
+    def config(self, **overrides: Any) -> Any:
+        """A RunConfig of the base settings with ``overrides`` (validated)."""
+        from advprune.config import load_config
+
+        return load_config(None, overrides=overrides, base=self.base)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One grid job; ``skip`` says why it does not run (an unsupported combination)."""
+
+    index: int
+    key: str
+    method: str
+    arch: str
+    dataset: str
+    structure: str
+    sparsity: float
+    skip: str | None = None
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and validate a grid file; every method, structure and setting is checked first."""
+    import yaml
+
+    from advprune.methods import list_methods
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read grid file {path} ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a grid file is a mapping (name, base, methods, sparsities)")
+    try:
+        grid = Grid(**data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{path}: {where}: {err['msg']}") from None
+    unknown = sorted(set(grid.methods) - set(list_methods()))
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown method(s) {', '.join(unknown)}; valid: {', '.join(list_methods())}"
+        )
+    missing = [s for s in grid.structures if s not in grid.sparsities]
+    if missing:
+        raise ConfigError(f"{path}: sparsities gives none for structure(s) {', '.join(missing)}")
+    for name, spec in grid.methods.items():  # every stage's settings must be valid RunConfigs
+        for stage in ("prune", "finetune"):
+            try:
+                grid.config(**getattr(spec, stage), method=name, method_options=spec.options)
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: methods.{name}.{stage}: {exc}") from None
+    grid.config(**grid.pretrain)
+    return grid
+
+
+def jobs(grid: Grid) -> list[Job]:
+    """Every job of the grid in a fixed order; unsupported combinations carry ``skip``."""
+    from advprune.methods import method_class
+
+    base = grid.config()
+    out: list[Job] = []
+    for dataset in grid.datasets or [base.dataset]:
+        for arch in grid.architectures or [base.model]:
+            for method in grid.methods:
+                cls = method_class(method)
+                ap_key = cls.taxonomy.ap_key or method
+                for structure in grid.structures:
+                    for sparsity in grid.sparsities[structure]:
+                        skip = None
+                        if structure not in cls.taxonomy.structures:
+                            skip = f"{method} does not support {structure} pruning"
+                        key = make_key(ap_key, arch, dataset, structure, sparsity)
+                        out.append(
+                            Job(len(out), key, method, arch, dataset, structure, sparsity, skip)
+                        )
+    return out
+
+
+def protocol(grid: Grid, job: Job) -> str:
+    """The protocol a job is stored under (see :func:`advprune.bench.store.protocol_of`)."""
+    cfg = grid.config(dataset=job.dataset, model=job.arch)
+    eps = grid.evaluation.eps or cfg.eps_text()
+    return f"{cfg.norm}-{eps}"
+
+
+@contextlib.contextmanager
+def _locked(path: Path, *, wait: bool) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path``; yields False when ``wait`` is off and it is taken."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _stage(folder: Path, run: Any) -> Any:
+    """Load the stage result in ``folder`` if its ``done`` marker exists, else run it."""
+    from advprune.checkpoint import load_checkpoint
+    from advprune.workflow import MODEL_FILE
+
+    if (folder / DONE).exists():
+        return load_checkpoint(folder / MODEL_FILE)
+    result = run()
+    (folder / DONE).write_text("")
+    return result
+
+
+def run_job(grid: Grid, job: Job, out: str | Path, store: str | Path, *, progress: bool = True):
+    """Run one job (prune, finetune, export, evaluate, store); return the stored rows.
+
+    Raises :class:`ConfigError` if the job is running in another process.
+    """
+    from advprune.bench.store import ResultsStore
+    from advprune.checkpoint import export_checkpoint, load_checkpoint
+    from advprune.evaluation import evaluate
+    from advprune.methods import method_class
+    from advprune.workflow import MODEL_FILE, build_model, prepare_data, train_stage
+
+    if job.skip:
+        raise ConfigError(f"job {job.index} ({job.key}) is not runnable: {job.skip}")
+    out = Path(out)
+    folder = out / "jobs" / job.key
+    spec = grid.methods[job.method]
+    common = dict(
+        dataset=job.dataset,
+        model=job.arch,
+        method=job.method,
+        sparsity=job.sparsity,
+        structure=job.structure,
+        method_options=spec.options,
+        progress=progress,
+    )
+    with _locked(out / "jobs" / f"{job.key}.lock", wait=False) as mine:
+        if not mine:
+            raise ConfigError(f"job {job.index} ({job.key}) is running in another process")
+        pcfg = grid.config(**{**common, **spec.prune})
+        data = prepare_data(pcfg)
+        cls = method_class(job.method)
+        if "pretrain" in cls.stages:
+            dense_dir = out / "dense" / f"{job.arch}_{job.dataset}"
+            dcfg = grid.config(**{**common, **grid.pretrain})
+            with _locked(out / "dense" / f"{job.arch}_{job.dataset}.lock", wait=True):
+
+                def pretrain():
+                    fresh, _ = build_model(dcfg, data)
+                    return train_stage(dcfg, prepare_data(dcfg), fresh, out=dense_dir)
+
+                start, _ = _stage(dense_dir, pretrain)
+        else:  # methods that prune at initialisation start from a fresh (seeded) network
+            start, _ = build_model(pcfg, data)
+
+        from advprune.workflow import finetune_stage, prune_stage
+
+        model, card = _stage(
+            folder / "prune", lambda: prune_stage(pcfg, data, start, out=folder / "prune")
+        )
+        final = folder / "prune" / MODEL_FILE
+        fcfg = grid.config(**{**common, **spec.finetune})
+        if "finetune" in cls.stages and fcfg.epochs > 0:
+            _stage(
+                folder / "finetune",
+                lambda: finetune_stage(
+                    fcfg, prepare_data(fcfg), model, card, out=folder / "finetune"
+                ),
+            )
+            final = folder / "finetune" / MODEL_FILE
+        if _crash_point() == "after-train":
+            raise RuntimeError("ADVPRUNE_GRID_CRASH=after-train (test hook)")
+        exported = folder / "export" / MODEL_FILE
+        if not (folder / "export" / DONE).exists():
+            export_checkpoint(final, exported)
+            (folder / "export" / DONE).write_text("")
+        model, card = load_checkpoint(exported)
+        ev = grid.evaluation
+        ecfg = grid.config(**common)
+        evaluate(
+            model,
+            data.splits,
+            eps=ev.eps or ecfg.eps_text(),
+            norm=ecfg.norm,
+            attacks=ev.attacks,
+            n=ev.n,
+            batch_size=ev.batch_size,
+            seed=ev.seed,
+            out=folder / "eval",
+            progress=progress,
+            model_info={
+                "key": job.key,
+                "name": card["architecture"]["name"],
+                "checkpoint": str(exported),
+                "checkpoint_sha256": (card.get("tensors") or {}).get("sha256"),
+                "measured_sparsity": (card.get("sparsity") or {}).get("measured"),
+                "method": job.method,
+            },
+            **ev.options,
+        )
+        return ResultsStore(store).add_report(folder / "eval" / "report.json", job.key)
+
+
+def _crash_point() -> str | None:
+    return os.environ.get("ADVPRUNE_GRID_CRASH")
+
+
+def job_status(grid: Grid, job: Job, store: str | Path) -> str:
+    """``done`` (in the store), ``skip`` (unsupported) or ``pending``."""
+    from advprune.bench.store import ResultsStore
+
+    if job.skip:
+        return "skip"
+    return "done" if ResultsStore(store).has(job.key, protocol(grid, job)) else "pending"
+
+
+def run_grid(
+    path: str | Path, out: str | Path, store: str | Path, *, progress: bool = True
+) -> dict[str, list[Job]]:
+    """Run every pending job of the grid file ``path``, one process per job, in order.
+
+    A failed job is reported and the others go on. Returns the jobs by outcome
+    (``done``: already stored, ``ran``, ``failed``, ``skip``).
+    """
+    grid = load_grid(path)
+    outcome: dict[str, list[Job]] = {"done": [], "ran": [], "failed": [], "skip": []}
+    for job in jobs(grid):
+        status = job_status(grid, job, store)
+        if status != "pending":
+            outcome[status].append(job)
+            continue
+        print(f"[{job.index}] {job.key}: running", flush=True)
+        cmd = [sys.executable, "-m", "advprune.cli", "bench", "run", str(path), "--job",
+               str(job.index), "--out", str(out), "--store", str(store)]  # fmt: skip
+        if not progress:
+            cmd.append("--no-progress")
+        code = subprocess.call(cmd)
+        outcome["ran" if code == 0 else "failed"].append(job)
+        if code:
+            print(f"[{job.index}] {job.key}: FAILED (exit {code})", flush=True)
+    return outcome
