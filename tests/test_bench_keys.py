@@ -1,0 +1,62 @@
+"""Model keys: round trips and one clear error per malformed part."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from advprune.bench.keys import ARCH_CODES, DATASET_CODES, make_key, parse_key
+from advprune.errors import ConfigError
+
+
+def test_benchmark_key_parses():
+    key = parse_key("HYDRA_Sehwag2020Hydra_R18_CIFAR10_US_90")
+    assert (key.method, key.arch, key.dataset, key.structure, key.sparsity) == (
+        "HYDRA_Sehwag2020Hydra", "R18", "CIFAR10", "US", "90")  # fmt: skip
+    assert key.architecture == "resnet18" and key.dataset_name == "cifar10"
+    assert key.sparsity_value == 0.9 and key.granularities == ("unstructured",)
+
+
+def test_round_trips():
+    combos = itertools.product(
+        ["HYDRA_Sehwag2020Hydra", "BCSP_Özdenizc2021Training", "lwm-iterative", "RST"],
+        [*ARCH_CODES, "resnet18", "vgg16_bn"],
+        [*DATASET_CODES, "svhn"],
+        ["US", "S", "weights", "filters", "channels"],
+        [0.9, "95", 99.5, 0.995, "50"],
+    )
+    for method, arch, dataset, structure, sparsity in combos:
+        text = make_key(method, arch, dataset, structure, sparsity)
+        key = parse_key(text)
+        assert str(key) == text and key.method == method
+        assert make_key(key.method, key.arch, key.dataset, key.structure, key.sparsity) == text
+        percent = isinstance(sparsity, float) and sparsity < 1
+        value = float(sparsity) if percent else float(sparsity) / 100
+        assert key.sparsity_value == pytest.approx(value)
+
+
+def test_make_key_translates_names():
+    assert make_key("HARP_Zhao2023Holistic", "vgg16", "svhn", "channels", 0.75) == (
+        "HARP_Zhao2023Holistic_V16_SVHN_S_75"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "part"),
+    [
+        ("HYDRA_Sehwag2020Hydra_R19_CIFAR10_US_90", "architecture 'R19'"),
+        ("HYDRA_Sehwag2020Hydra_R18_MNIST_US_90", "dataset 'MNIST'"),
+        ("HYDRA_Sehwag2020Hydra_R18_CIFAR10_XS_90", "structure 'XS'"),
+        ("HYDRA_Sehwag2020Hydra_R18_CIFAR10_US_100", "sparsity '100'"),
+        ("HYDRA_Sehwag2020Hydra_R18_CIFAR10_US_abc", "sparsity 'abc'"),
+        ("HYDRA_Sehwag2020Hydra_R18_CIFAR10_US_90.0", "written '90'"),
+        ("A_B_C_R18_CIFAR10_US_90", "method 'A_B_C'"),
+        ("HY DRA_R18_CIFAR10_US_90", "method 'HY DRA'"),
+        ("R18_CIFAR10_US_90", "method_arch_dataset"),
+        ("", "non-empty"),
+    ],
+)
+def test_malformed_parts(text, part):
+    with pytest.raises(ConfigError, match=part.replace(".", r"\.")):
+        parse_key(text)

@@ -1,0 +1,124 @@
+"""The taxonomy data: every row of the benchmark's tables, the schema, filters, CLI, methods."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from advprune.bench.taxonomy import (
+    filter_taxonomy,
+    legend,
+    load_taxonomy,
+    method_ap_key,
+    taxonomy_entry,
+)
+from advprune.cli import main
+from advprune.errors import ConfigError, UnknownNameError
+from advprune.methods import list_methods, method_class
+
+# rows as printed in the benchmark's README tables (pipeline fields, 1S/IT, S/US, L/G, criterion)
+EXPECTED = {
+    "RADMM": ("after", ["AT"], ["AT"], ["1S"], ["S", "US"], ["L"], "SOLWM"),
+    "HYDRA": ("after", ["AT"], ["AT"], ["1S"], ["US"], ["L"], "LIS"),
+    "HARP": ("after", ["AT"], ["AT"], ["1S"], ["S", "US"], ["G"], "LIS"),
+    "PwoA": ("after", ["AT"], ["KD"], ["1S"], ["US"], ["L"], "SOLWM"),
+    "RSR": ("after", ["AT", "CNI"], ["n.s."], ["1S"], ["US"], ["G"], "RELWM"),
+    "BNAP": ("after", ["AT"], ["AT"], ["1S", "IT"], ["S", "US"], ["G"], "LIS"),
+    "RFP": ("after", ["AT"], ["AT"], ["1S"], ["S"], ["L"], "HGM"),
+    "Deadwooding": ("after", ["n.s."], ["KD", "AT"], ["1S"], ["US"], ["G"], "SOLWM"),
+    "SR-GKP": ("after", ["NT"], ["NT"], ["1S"], ["S"], ["L"], "LIS"),
+    "RST": ("before", ["AT"], ["None"], ["1S"], ["US"], ["L"], "LIS"),
+    "AWT": ("before", ["AT"], ["AT"], ["n.s."], ["US"], ["n.s."], "LWM"),
+    "Cosentino19": ("before", ["AT"], ["AT"], ["IT"], ["US"], ["G"], "LWM"),
+    "BCS-P": ("during", ["AT"], None, None, ["US"], ["L", "G"], "BCS"),
+    "TwinRep": ("during", ["AT"], None, None, ["S", "US"], ["G"], "RELWM"),
+}
+
+
+def _fields(e):
+    first = e.pretraining or e.pruning_step or e.training_step
+    second = e.finetuning if e.pipeline == "after" else (
+        e.training_step if e.pipeline == "before" else None)  # fmt: skip
+    schedule = e.schedule and list(e.schedule)
+    return (e.pipeline, list(first), second and list(second), schedule,
+            list(e.structures), list(e.scopes), e.criterion)  # fmt: skip
+
+
+def test_every_table_row_is_there():
+    apb = [e for e in load_taxonomy() if e.source == "APB"]
+    counts = {p: sum(e.pipeline == p for e in apb) for p in ("after", "before", "during")}
+    assert counts == {"after": 15, "before": 6, "during": 5}
+    assert len({e.ap_key for e in load_taxonomy()}) == len(load_taxonomy())
+    for name, expected in EXPECTED.items():
+        assert _fields(taxonomy_entry(name)) == expected, name
+    assert taxonomy_entry("HYDRA_Sehwag2020Hydra").name == "HYDRA"
+    assert legend()["SOLWM"] == "SOLver-based LWM" and legend()["LIS"] == "Least Importance Score"
+
+
+def test_advprune_methods_declare_their_entry():
+    schedule = {"one-shot": "1S", "iterative": "IT"}
+    granularity = {"unstructured": "US", "filters": "S", "channels": "S"}
+    for name in list_methods():
+        t = method_class(name).taxonomy
+        entry = taxonomy_entry(method_ap_key(name))
+        assert entry.ap_key == t.ap_key and entry.pipeline == t.pipeline, name
+        assert schedule[t.schedule] in (entry.schedule or ()), name
+        implemented = {granularity[s] for s in t.structures}
+        # advprune may implement more structures than the paper classifies, never fewer
+        assert set(entry.structures) <= implemented, name
+        if entry.source == "advprune":
+            assert set(entry.structures) == implemented, name
+
+
+def test_filters():
+    names = lambda es: {e.name for e in es}  # noqa: E731
+    assert names(filter_taxonomy(criterion="HGM")) == {"RFP"}
+    assert names(filter_taxonomy(criterion=["HGM", "BCS"])) == {"RFP", "BCS-P"}
+    during_s = filter_taxonomy(pipeline="during", structure="S")
+    assert names(during_s) == {"TwinRep", "DNR", "InTrain"}
+    it_before = names(filter_taxonomy(pipeline="before", schedule="IT"))
+    assert it_before == {"Cosentino19", "Wang20", "RobustBird"}
+    assert all("G" in e.scopes for e in filter_taxonomy(scope="G"))
+    for kind, bad in [("pipeline", "sideways"), ("structure", "X"), ("criterion", "MAG")]:
+        with pytest.raises(ConfigError, match=f"unknown {kind}"):
+            filter_taxonomy(**{kind: bad})
+    with pytest.raises(UnknownNameError, match="taxonomy method"):
+        taxonomy_entry("NoSuchMethod")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.update(criterion="MAGIC"), "criterion code 'MAGIC'"),
+        (lambda m: m.pop("finetuning"), "needs the field 'finetuning'"),
+        (lambda m: m.update(training_step=["AT"]), "not one of pipeline"),
+        (lambda m: m.update(ap_key="a_b_c"), "model key"),
+        (lambda m: m.update(colour="red"), "colour"),
+    ],
+)
+def test_malformed_data_rejected(tmp_path, change, message):
+    from importlib import resources
+
+    data = yaml.safe_load(
+        (resources.files("advprune.bench") / "data" / "taxonomy.yaml").read_text("utf-8")
+    )
+    change(data["methods"][1])  # HYDRA, a pipeline-A entry
+    path = tmp_path / "taxonomy.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    with pytest.raises(ConfigError, match="method 'HYDRA'") as info:
+        load_taxonomy(path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cli(capsys):
+    assert main(["taxonomy", "--pipeline", "before", "--schedule", "IT"]) == 0
+    out = capsys.readouterr().out
+    assert "RobustBird_Chen2021Sparsity" in out and "HYDRA" not in out and "3 methods" in out
+    assert main(["taxonomy", "--criterion", "HGM", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["RFP"] and rows[0]["structures"] == ["S"]
+    assert main(["taxonomy", "--structure", "XS"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown structure XS") and err.count("\n") == 1
