@@ -21,11 +21,18 @@ venv: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/advprune quickstart --out quickstart_out
 
+# the leaderboard page is tested in headless Chromium (Debian's package), installed where missing
+CHROMIUM_SETUP = command -v chromium >/dev/null 2>&1 || { \
+	SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
 test: $(STAMP)
+	$(CHROMIUM_SETUP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP)
+	$(CHROMIUM_SETUP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 lint: $(STAMP)
@@ -33,4 +40,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) quickstart_out .pytest_cache .ruff_cache
+	rm -rf $(VENV) quickstart_out .pytest_cache .ruff_cache test-artifacts
