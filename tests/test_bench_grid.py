@@ -1,0 +1,117 @@
+"""Grid runs: jobs, the store, skipping, resuming after a crash, one process per job."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from advprune.bench.grid import jobs, load_grid, run_job
+from advprune.bench.store import ResultsStore
+from advprune.cli import main
+from advprune.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+GRID = {
+    "name": "tiny",
+    "base": {"dataset": "digits", "model": "digits_cnn", "objective": "pgd", "eps": "3/16",
+             "attack_steps": 1, "batch_size": 256, "device": "cpu", "progress": False},
+    "pretrain": {"epochs": 1, "lr": 0.05},
+    "methods": {
+        "lwm": {"prune": {"epochs": 0}, "finetune": {"epochs": 1, "lr": 0.01}},
+        "hydra": {"prune": {"epochs": 1}, "finetune": {"epochs": 1}},
+        "binary": {"prune": {"epochs": 1}},
+    },
+    "structures": ["unstructured", "filters"],
+    "sparsities": {"unstructured": [0.9], "filters": [0.5]},
+    "evaluation": {"attacks": ["pgd"], "n": 24},
+}  # fmt: skip
+LWM = "LWM_Han2015Learning_DCNN_DIGITS_US_90"
+
+
+def write(tmp_path, grid=GRID, name="grid.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
+
+
+def test_jobs_keys_and_skips(tmp_path, capsys):
+    grid = load_grid(write(tmp_path))
+    all_jobs = jobs(grid)
+    assert [j.key for j in all_jobs] == [
+        LWM,
+        "LWM_Han2015Learning_DCNN_DIGITS_S_50",
+        "HYDRA_Sehwag2020Hydra_DCNN_DIGITS_US_90",
+        "HYDRA_Sehwag2020Hydra_DCNN_DIGITS_S_50",
+        "Binary_Liu2022Robust_DCNN_DIGITS_US_90",
+        "Binary_Liu2022Robust_DCNN_DIGITS_S_50",
+    ]
+    assert [j.skip is not None for j in all_jobs] == [False] * 5 + [True]
+    assert main(["bench", "run", str(write(tmp_path)), "--list", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6 and "pending" in lines[0] and "skip" in lines[5]
+    assert "does not support filters" in lines[5]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda g: g["methods"].update(magic={}), "unknown method"),
+        (lambda g: g.update(colour=1), "colour"),
+        (lambda g: g["methods"]["lwm"]["finetune"].update(lr="fast"), "methods.lwm.finetune"),
+        (lambda g: g.update(structures=["channels"]), "none for structure"),
+    ],
+)
+def test_bad_grid_rejected_before_anything(tmp_path, change, message, capsys):
+    grid = yaml.safe_load(yaml.safe_dump(GRID, sort_keys=False))
+    change(grid)
+    path = write(tmp_path, grid)
+    with pytest.raises(ConfigError, match=message):
+        load_grid(path)
+    assert main(["bench", "run", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_store_skip_and_resume_after_crash(tmp_path, monkeypatch):
+    grid = load_grid(write(tmp_path))
+    out, store = tmp_path / "out", tmp_path / "out" / "results.sqlite"
+    lwm, hydra = jobs(grid)[0], jobs(grid)[2]
+    rows = run_job(grid, lwm, out, store, progress=False)
+    assert rows[-1].key == LWM and rows[-1].n == 24 and rows[-1].protocol == "linf-3/16"
+    dense = out / "dense" / "digits_cnn_digits" / "model.safetensors"
+    dense_mtime = dense.stat().st_mtime_ns
+    # a crash after the training stages: the rerun reuses them (and the dense model)
+    monkeypatch.setenv("ADVPRUNE_GRID_CRASH", "after-train")
+    with pytest.raises(RuntimeError, match="test hook"):
+        run_job(grid, hydra, out, store, progress=False)
+    folder = out / "jobs" / hydra.key
+    stamps = {
+        s: (folder / s / "model.safetensors").stat().st_mtime_ns for s in ("prune", "finetune")
+    }
+    assert not ResultsStore(store).has(hydra.key)
+    monkeypatch.delenv("ADVPRUNE_GRID_CRASH")
+    run_job(grid, hydra, out, store, progress=False)
+    assert {s: (folder / s / "model.safetensors").stat().st_mtime_ns for s in stamps} == stamps
+    assert dense.stat().st_mtime_ns == dense_mtime
+    assert ResultsStore(store).keys() == sorted([LWM, hydra.key])
+    # the model evaluated is the exported finetuned one, at the job's sparsity
+    report = ResultsStore(store).report(hydra.key, "linf-3/16")
+    assert report["model"]["measured_sparsity"] == pytest.approx(0.9, abs=0.01)
+
+
+def test_one_process_per_job_and_rerun_skips(tmp_path, capsys):
+    grid = yaml.safe_load(yaml.safe_dump(GRID, sort_keys=False))
+    grid["methods"] = {"binary": grid["methods"]["binary"], "lwm": grid["methods"]["lwm"]}
+    grid["structures"] = ["unstructured"]
+    path = write(tmp_path, grid)
+    out = tmp_path / "out"
+    assert main(["bench", "run", str(path), "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "2 ran, 0 already stored" in text
+    store = ResultsStore(out / "results.sqlite")
+    assert store.keys() == sorted(["Binary_Liu2022Robust_DCNN_DIGITS_US_90", LWM])
+    added = [r.added for r in store.results()]
+    assert main(["bench", "run", str(path), "--out", str(out), "--no-progress"]) == 0
+    assert "0 ran, 2 already stored" in capsys.readouterr().out
+    assert [r.added for r in store.results()] == added
