@@ -11,7 +11,17 @@ from advprune.models import list_models
 from advprune.training import list_objectives
 from advprune.workflow import make_method
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+ALL = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+GRIDS = [p for p in ALL if "methods" in read_yaml(p)]  # benchmark grids (advprune bench run)
+CONFIGS = [p for p in ALL if p not in GRIDS]
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)
+def test_grid_files_load(path: Path) -> None:
+    from advprune.bench.grid import jobs, load_grid
+
+    grid = load_grid(path)
+    assert all(job.skip is None for job in jobs(grid))
 
 
 def test_there_are_configs_for_every_stage_of_hydra() -> None:
