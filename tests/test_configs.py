@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 
 from advprune.config import load_config, read_yaml
+from advprune.errors import ConfigError
 from advprune.models import list_models
 from advprune.training import list_objectives
 from advprune.workflow import make_method
 
 ALL = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
-GRIDS = [p for p in ALL if "methods" in read_yaml(p)]  # benchmark grids (advprune bench run)
+GRIDS = [p for p in ALL if "sparsities" in p.read_text()]  # benchmark grids (bench run)
 CONFIGS = [p for p in ALL if p not in GRIDS]
 
 
@@ -22,6 +23,8 @@ def test_grid_files_load(path: Path) -> None:
 
     grid = load_grid(path)
     assert all(job.skip is None for job in jobs(grid))
+    with pytest.raises(ConfigError, match="advprune bench run"):
+        load_config(path)  # a grid is not a run config: the error says how to run it
 
 
 def test_there_are_configs_for_every_stage_of_hydra() -> None:

@@ -236,6 +236,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of settings, not {type(data).__name__}")
+    if "methods" in data and "sparsities" in data:
+        raise ConfigError(f"{path} is a benchmark grid; run it with `advprune bench run {path}`")
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
         raise ConfigError(
