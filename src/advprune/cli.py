@@ -279,8 +279,7 @@ def _require_checkpoint(cfg: Any, command: str, why: str = "") -> None:
     if not cfg.checkpoint:
         reason = f" ({why})" if why else ""
         raise AdvpruneError(
-            f"`advprune {command}` needs --checkpoint PATH (or `checkpoint:` in the YAML)"
-            + reason
+            f"`advprune {command}` needs --checkpoint PATH (or `checkpoint:` in the YAML)" + reason
         )
 
 
@@ -555,7 +554,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(
             f"{name:<14} pipeline={t.pipeline} schedule={t.schedule} "
             f"structures={','.join(t.structures)} scopes={','.join(t.scopes)} "
-            f"criterion={t.criterion!r} stages={'->'.join(cls.stages)}"
+            f"criterion={t.criterion!r} stages={'->'.join(cls.stages)} ap_key={t.ap_key}"
         )
     return 0
 

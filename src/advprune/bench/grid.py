@@ -212,7 +212,14 @@ def run_job(grid: Grid, job: Job, out: str | Path, store: str | Path, *, progres
     from advprune.checkpoint import export_checkpoint, load_checkpoint
     from advprune.evaluation import evaluate
     from advprune.methods import method_class
-    from advprune.workflow import MODEL_FILE, build_model, prepare_data, train_stage
+    from advprune.workflow import (
+        MODEL_FILE,
+        build_model,
+        finetune_stage,
+        prepare_data,
+        prune_stage,
+        train_stage,
+    )
 
     if job.skip:
         raise ConfigError(f"job {job.index} ({job.key}) is not runnable: {job.skip}")
@@ -246,8 +253,6 @@ def run_job(grid: Grid, job: Job, out: str | Path, store: str | Path, *, progres
                 start, _ = _stage(dense_dir, pretrain)
         else:  # methods that prune at initialisation start from a fresh (seeded) network
             start, _ = build_model(pcfg, data)
-
-        from advprune.workflow import finetune_stage, prune_stage
 
         model, card = _stage(
             folder / "prune", lambda: prune_stage(pcfg, data, start, out=folder / "prune")
