@@ -9,10 +9,8 @@ leaderboards rank by.
 
 Writes are transactions (``BEGIN IMMEDIATE``): adding a report replaces the rows of the same
 (key, protocol) all at once, so a crash leaves the old rows or the new ones, never a mix.
-Several processes may write one file at once: a writer waits for the lock (busy timeout)
-instead of failing. The default rollback journal is used rather than WAL: WAL needs shared
-memory that network file systems (cluster home folders) do not provide, and the store's
-writes are rare and small.
+Several processes may write one file at once: every operation opens its own connection and a
+writer waits for the lock (busy timeout) instead of failing.
 """
 
 from __future__ import annotations
@@ -34,7 +32,13 @@ __all__ = ["DEFAULT_STORE", "STORE_VERSION", "ResultsStore", "StoredResult", "pr
 DEFAULT_STORE = "results.sqlite"
 STORE_VERSION = 1
 WORST_CASE = "worst-case"
-_BUSY_TIMEOUT_S = 120.0
+_BUSY_TIMEOUT_S = 60.0
+# Journal mode: the rollback journal ("DELETE", SQLite's default), set explicitly when the file
+# is created, not WAL. WAL needs a shared-memory index that network file systems (the cluster
+# home folders grid jobs write to from several nodes) do not provide, and it leaves -wal/-shm
+# files beside the store; the rollback journal only needs POSIX file locks. The store's writes
+# are rare and small, so WAL's concurrency gain buys nothing here.
+_JOURNAL_MODE = "DELETE"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS advprune_store (version INTEGER NOT NULL);
@@ -157,13 +161,23 @@ class ResultsStore:
             raise ConfigError(f"no results store at {self.path}; add a report with `bench add`")
         if write:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        # reads open with mode=rw: never create a file, but still able to roll back the hot
+        # journal a crashed writer left (a read-only connection could not)
+        uri = f"{self.path.resolve().as_uri()}?mode={'rwc' if write else 'rw'}"
         try:
-            con = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+            con = sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open results store {self.path} ({exc})") from None
         try:
             self._check(con, create=write)
             yield con
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise ConfigError(
+                    f"results store {self.path} stayed locked for {_BUSY_TIMEOUT_S:.0f} s "
+                    f"by another process; try again"
+                ) from None
+            raise ConfigError(f"{self.path} is not a usable results store ({exc})") from None
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"{self.path} is not a usable results store ({exc})") from None
         finally:
@@ -180,6 +194,10 @@ class ResultsStore:
                     r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
                 }
                 if not tables:  # another process may have created it meanwhile
+                    if self.path.stat().st_size > 0:  # we hold the write lock: size is stable
+                        # an SQLite database of someone else's that merely holds no table yet
+                        raise ConfigError(f"{self.path} is an SQLite file but not a results store")
+                    con.execute(f"PRAGMA journal_mode={_JOURNAL_MODE}")
                     for stmt in _SCHEMA.strip().split(";"):
                         if stmt.strip():
                             con.execute(stmt)
@@ -225,11 +243,16 @@ class ResultsStore:
             raise ConfigError("the report names no model key; give one (--key KEY)")
         mk = parse_key(str(key))
         key = str(mk)
+        _check_report(report)
         per_sample, sha = None, None
         name = (report.files or {}).get("per_sample")
         if name:
-            base = Path(report_dir) if report_dir is not None else Path.cwd()
-            file = (base / name).resolve()
+            if report_dir is None and not Path(name).is_absolute():
+                raise ConfigError(
+                    f"the report names its per-sample file {name!r} relative to its folder; "
+                    "pass report_dir= (the folder of report.json) or the report.json path"
+                )
+            file = (Path(report_dir or "") / name).resolve()
             if not file.is_file():
                 raise DataError(f"the report's per-sample file {file} does not exist")
             per_sample, sha = str(file), sha256_file(file)
@@ -368,6 +391,22 @@ class ResultsStore:
         if row is None:
             raise ConfigError(f"no results of {key!r} under protocol {protocol!r} in {self.path}")
         return json.loads(row[0])
+
+
+def _check_report(report: Any) -> None:
+    """Refuse a report the rows could not represent faithfully (before any write)."""
+    names = [e.name for e in report.entries]
+    if WORST_CASE in names or len(set(names)) != len(names):
+        raise ConfigError(
+            f"report entry names must be unique and not {WORST_CASE!r}, got {', '.join(names)}"
+        )
+    values = {"clean accuracy": report.clean_accuracy, "robust accuracy": report.robust_accuracy}
+    values.update({f"robust accuracy of {e.name}": e.robust_accuracy for e in report.entries})
+    for what, value in values.items():
+        if value is not None and not 0.0 <= float(value) <= 1.0:  # also refuses nan
+            raise ConfigError(f"the report's {what} must be a fraction in [0, 1], got {value}")
+    if report.clean_accuracy is None:
+        raise ConfigError("the report has no clean accuracy")
 
 
 def _where(**filters: Any) -> tuple[str, tuple]:

@@ -63,6 +63,12 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f} %"
 
 
+def _method_matches(method: str, wanted: str) -> bool:
+    """``wanted`` is the key's method part or its name before the citation key (any case)."""
+    method = method.lower()
+    return wanted in (method, method.split("_")[0])
+
+
 def _grouped(rows: list[Any]) -> dict[tuple[str, str], list[Any]]:
     groups: dict[tuple[str, str], list[Any]] = {}
     for r in rows:
@@ -73,14 +79,16 @@ def _grouped(rows: list[Any]) -> dict[tuple[str, str], list[Any]]:
 def cmd_list(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from advprune.bench.keys import dataset_code
     from advprune.bench.store import ResultsStore
 
-    rows = ResultsStore(store_path(args)).results()
+    dataset = None if args.dataset is None else dataset_code(args.dataset)
+    method = None if args.method is None else args.method.strip().lower()
     rows = [
         r
-        for r in rows
-        if (args.dataset is None or r.model_key.dataset == args.dataset.upper())
-        and (args.method is None or r.model_key.method.lower().startswith(args.method.lower()))
+        for r in ResultsStore(store_path(args)).results()
+        if (dataset is None or r.model_key.dataset == dataset)
+        and (method is None or _method_matches(r.model_key.method, method))
     ]
     if args.as_json:
         print(json.dumps([asdict(r) for r in rows], indent=2, default=str))
