@@ -101,11 +101,12 @@ def test_methods_listing_shows_every_method_with_its_taxonomy() -> None:
     assert set(lines) == set(list_methods())
     assert {"lwm", "lwm-iterative", "hydra"} <= set(lines)
     for name, line in lines.items():
-        t = method_class(name).taxonomy
-        assert f"pipeline={t.pipeline}" in line and f"schedule={t.schedule}" in line
-        assert f"structures={','.join(t.structures)}" in line
-        assert "->".join(method_class(name).stages) in line
-    assert "schedule=iterative" in lines["lwm-iterative"]
+        cls = method_class(name)
+        t = cls.taxonomy
+        assert f"pipeline={t.pipeline}" in line and f"ap_key={t.ap_key}" in line
+        assert f"| implements structures={','.join(cls.structures)}" in line
+        assert "->".join(cls.stages) in line
+    assert "schedule=IT" in lines["lwm-iterative"]
 
 
 def test_cli_prune_bad_input(tmp_path) -> None:

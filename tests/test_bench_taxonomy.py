@@ -16,7 +16,7 @@ from advprune.bench.taxonomy import (
 )
 from advprune.cli import main
 from advprune.errors import ConfigError, UnknownNameError
-from advprune.methods import list_methods, method_class
+from advprune.methods import Taxonomy, list_methods, method_class
 
 # rows as printed in the benchmark's README tables (pipeline fields, 1S/IT, S/US, L/G, criterion)
 EXPECTED = {
@@ -53,23 +53,70 @@ def test_every_table_row_is_there():
     assert len({e.ap_key for e in load_taxonomy()}) == len(load_taxonomy())
     for name, expected in EXPECTED.items():
         assert _fields(taxonomy_entry(name)) == expected, name
+    bcsp = taxonomy_entry("BCS-P")
+    assert bcsp.ap_key == "BCSP_Özdenizc2021Training" and bcsp.url.endswith("ozdenizci21a.pdf")
+    assert taxonomy_entry("RFP").ap_key == "RFP_Lim2021Robustness"
+    rsr = taxonomy_entry("RSR")
+    assert (rsr.pretraining, rsr.finetuning, rsr.pruning_step) == (("AT", "CNI"), ("n.s.",), None)
     assert taxonomy_entry("HYDRA_Sehwag2020Hydra").name == "HYDRA"
     assert legend()["SOLWM"] == "SOLver-based LWM" and legend()["LIS"] == "Least Importance Score"
+    codes = {"AT", "NT", "KD", "CNI", "1S", "IT", "S", "US", "L", "G", "n.s.", "None"}
+    assert codes | {"LWM", "SOLWM", "RELWM", "LIS", "HGM", "BCS"} <= set(legend())
+
+
+def test_every_leaderboard_name_is_a_taxonomy_entry():
+    from advprune.bench.reference import reference_results
+
+    names = {r.name for r in reference_results()}
+    assert len(names) == 10
+    for r in reference_results():
+        assert taxonomy_entry(r.name).ap_key == r.ap_key
 
 
 def test_advprune_methods_declare_their_entry():
-    schedule = {"one-shot": "1S", "iterative": "IT"}
-    granularity = {"unstructured": "US", "filters": "S", "channels": "S"}
+    assert method_ap_key("hydra") == "HYDRA_Sehwag2020Hydra"
+    assert method_ap_key("harp") == "HARP_Zhao2023Holistic"
+    assert {method_ap_key(n) for n in ("lwm", "lwm-iterative", "binary")} == {
+        "LWM_Han2015Learning", "LWMIT_Zhu2017Prune", "Binary_Liu2022Robust"}  # fmt: skip
     for name in list_methods():
-        t = method_class(name).taxonomy
+        cls = method_class(name)
         entry = taxonomy_entry(method_ap_key(name))
-        assert entry.ap_key == t.ap_key and entry.pipeline == t.pipeline, name
-        assert schedule[t.schedule] in (entry.schedule or ()), name
-        implemented = {granularity[s] for s in t.structures}
-        # advprune may implement more structures than the paper classifies, never fewer
-        assert set(entry.structures) <= implemented, name
+        # the declared classification is the data entry, field by field
+        data = entry.model_dump(mode="json", exclude={"name", "url", "source"})
+        assert cls.taxonomy.classification() == data, name
+        assert (entry.source == "APB") == (name in ("hydra", "harp")), name
+        # what advprune implements is separate: HYDRA also prunes filters, HARP prunes locally
+        granularity = {"unstructured": "US", "filters": "S", "channels": "S"}
+        implemented = {granularity[s] for s in cls.structures}
         if entry.source == "advprune":
-            assert set(entry.structures) == implemented, name
+            assert implemented == set(entry.structures), name
+    assert method_class("hydra").structures == ("unstructured", "filters", "channels")
+    assert method_class("hydra").taxonomy.structures == ("US",)
+    assert method_class("harp").taxonomy.scopes == ("G",)
+    config = json.loads(json.dumps(method_class("lwm")(0.5).config()))
+    assert config["taxonomy"]["schedule"] == ["1S"] and config["taxonomy"]["criterion"] == "LWM"
+    with pytest.raises(UnknownNameError, match="valid methods"):
+        method_ap_key("nosuch")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"criterion": "magnitude"}, "criterion code 'magnitude'"),
+        ({"structures": ("unstructured",)}, "structures code 'unstructured'"),
+        ({"training_step": ("AT",)}, "not one of pipeline 'after'"),
+        ({"finetuning": None}, "needs the field 'finetuning'"),
+        ({"pipeline": "sideways"}, "pipeline 'sideways'"),
+        ({"scopes": ()}, "scopes needs at least one code"),
+    ],
+)
+def test_bad_method_declaration_rejected(fields, message):
+    good = dict(
+        ap_key="X_Y2020Z", pipeline="after", pretraining=("AT",), finetuning=("AT",),
+        schedule=("1S",), structures=("US",), scopes=("L",), criterion="LIS")  # fmt: skip
+    assert Taxonomy(**good).classification()["structures"] == ["US"]
+    with pytest.raises(ValueError, match=f"taxonomy of 'X_Y2020Z': .*{message}"):
+        Taxonomy(**{**good, **fields})
 
 
 def test_filters():
@@ -96,6 +143,8 @@ def test_filters():
         (lambda m: m.update(training_step=["AT"]), "not one of pipeline"),
         (lambda m: m.update(ap_key="a_b_c"), "model key"),
         (lambda m: m.update(colour="red"), "colour"),
+        (lambda m: m.update(structures=[]), "structures needs at least one code"),
+        (lambda m: m.update(pipeline="sideways"), "pipeline"),
     ],
 )
 def test_malformed_data_rejected(tmp_path, change, message):
@@ -110,6 +159,22 @@ def test_malformed_data_rejected(tmp_path, change, message):
     with pytest.raises(ConfigError, match="method 'HYDRA'") as info:
         load_taxonomy(path)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_legend_must_expand_every_code(tmp_path):
+    from importlib import resources
+
+    data = yaml.safe_load(
+        (resources.files("advprune.bench") / "data" / "taxonomy.yaml").read_text("utf-8")
+    )
+    del data["legend"]["HGM"]
+    path = tmp_path / "taxonomy.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    with pytest.raises(ConfigError, match="legend does not expand HGM"):
+        load_taxonomy(path)
+    path.write_text("methods: [")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_taxonomy(path)
 
 
 def test_cli(capsys):

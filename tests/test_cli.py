@@ -276,10 +276,12 @@ def test_methods_lists_lwm_with_taxonomy():
     line = next(line for line in out.splitlines() if line.startswith("lwm "))
     for part in (
         "pipeline=after",
-        "schedule=one-shot",
-        "structures=unstructured,filters,channels",
-        "scopes=local,global",
-        "criterion='weight magnitude'",
+        "ap_key=LWM_Han2015Learning",
+        "schedule=1S",
+        "structures=S,US",
+        "scopes=L,G",
+        "criterion=LWM",
+        "| implements structures=unstructured,filters,channels scopes=local,global",
         "stages=pretrain->prune->finetune",
     ):
         assert part in line

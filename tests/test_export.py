@@ -26,9 +26,7 @@ from advprune.sparsity import layer_densities, sparsity_report
 from advprune.workflow import prepare_data, prune_stage
 
 CASES = [
-    (name, structure)
-    for name in list_methods()
-    for structure in method_class(name).taxonomy.structures
+    (name, structure) for name in list_methods() for structure in method_class(name).structures
 ]
 
 

@@ -21,7 +21,7 @@ def test_cubic_schedule_ends_at_the_target() -> None:
     assert got == pytest.approx([0.96 * 37 / 64, 0.96 * 56 / 64, 0.96 * 63 / 64, 0.96])
     assert got[-1] == 0.96 and m.rounds == 4
     assert create_method("lwm-iterative", 0.9, rounds=1).round_sparsity(0) == 0.9
-    assert create_method("lwm-iterative", 0.9).taxonomy.schedule == "iterative"
+    assert create_method("lwm-iterative", 0.9).taxonomy.schedule == ("IT",)
     assert create_method("lwm-iterative", 0.9).trainable("prune") == ("weights", "bn")
     for bad in (0, -1, 2.5, True, "4"):
         with pytest.raises(ConfigError, match="rounds must be an integer >= 1"):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from advprune.errors import ConfigError, UnknownNameError
-from advprune.methods import LWM, Method, Taxonomy, create_method, list_methods, method_class
+from advprune.methods import LWM, Method, create_method, list_methods, method_class
 from advprune.models import create
 from advprune.sparsity import masked_modules, sparsity_report
 
@@ -22,8 +22,9 @@ def test_registry_and_taxonomy() -> None:
     cls = method_class("lwm")
     assert cls is LWM and issubclass(cls, Method)
     t = cls.taxonomy
-    assert (t.pipeline, t.schedule, t.criterion) == ("after", "one-shot", "weight magnitude")
-    assert set(t.structures) == {"unstructured", "filters", "channels"}
+    assert (t.ap_key, t.pipeline, t.schedule, t.criterion) == (
+        "LWM_Han2015Learning", "after", ("1S",), "LWM")  # fmt: skip
+    assert set(cls.structures) == {"unstructured", "filters", "channels"}
     assert cls.stages == ("pretrain", "prune", "finetune")
     assert "prune" not in cls.trains  # LWM's prune stage does not train
     with pytest.raises(UnknownNameError, match=r"valid methods: .*lwm"):
@@ -65,7 +66,8 @@ def test_bad_method_input() -> None:
 def test_a_method_declaring_fewer_structures_refuses_others() -> None:
     class OnlyUnstructured(LWM):
         name = "only-unstructured-test"
-        taxonomy = Taxonomy("after", "one-shot", ("unstructured",), ("local",), "magnitude")
+        structures = ("unstructured",)
+        scopes = ("local",)
 
     with pytest.raises(ConfigError, match="does not support structure 'filters'"):
         OnlyUnstructured(0.5, structure="filters")

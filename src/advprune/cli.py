@@ -548,13 +548,18 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     from advprune.methods import list_methods, method_class
 
+    # the benchmark's classification (legend codes; advprune taxonomy explains them), then
+    # what advprune implements: accepted structures / scopes and the stages
     for name in list_methods():
         cls = method_class(name)
-        t = cls.taxonomy
+        apb = " ".join(
+            f"{field}={value if isinstance(value, str) else ','.join(value)}"
+            for field, value in cls.taxonomy.classification().items()
+            if value is not None
+        )
         print(
-            f"{name:<14} pipeline={t.pipeline} schedule={t.schedule} "
-            f"structures={','.join(t.structures)} scopes={','.join(t.scopes)} "
-            f"criterion={t.criterion!r} stages={'->'.join(cls.stages)} ap_key={t.ap_key}"
+            f"{name:<14} {apb} | implements structures={','.join(cls.structures)} "
+            f"scopes={','.join(cls.scopes)} stages={'->'.join(cls.stages)}"
         )
     return 0
 

@@ -24,6 +24,7 @@ from advprune.errors import ConfigError, UnknownNameError
 __all__ = [
     "PIPELINE_FIELDS",
     "TaxonomyEntry",
+    "check_classification",
     "filter_taxonomy",
     "legend",
     "load_taxonomy",
@@ -79,22 +80,34 @@ class TaxonomyEntry(BaseModel):
     def _pipeline_fields(self) -> TaxonomyEntry:
         from advprune.bench.keys import ModelKey
 
-        own = PIPELINE_FIELDS[self.pipeline]
-        for name in {f for fields in PIPELINE_FIELDS.values() for f in fields}:
-            value = getattr(self, name)
-            if name in own and value is None:
-                raise ValueError(f"pipeline {self.pipeline!r} needs the field {name!r}")
-            if name not in own and value is not None:
-                raise ValueError(f"field {name!r} is not one of pipeline {self.pipeline!r}")
-        for name, valid in _CODES.items():
-            value = getattr(self, name)
-            for code in [value] if isinstance(value, str) else value or ():
-                if code not in valid:
-                    raise ValueError(
-                        f"{name} code {code!r} is not in the legend ({', '.join(sorted(valid))})"
-                    )
+        check_classification(self.pipeline, self.model_dump())
         ModelKey(self.ap_key, "R18", "CIFAR10", "US", "90")  # the AP key must fit model keys
         return self
+
+
+def check_classification(pipeline: str, fields: dict[str, Any]) -> None:
+    """Check a classification against the schema: ``pipeline`` is after / before / during,
+    the fields of that pipeline (:data:`PIPELINE_FIELDS`) are given and no other pipeline's,
+    and every code is one of the legend's. Raises ``ValueError`` naming the field."""
+    if pipeline not in PIPELINE_FIELDS:
+        raise ValueError(f"pipeline {pipeline!r} is not one of {', '.join(PIPELINE_FIELDS)}")
+    own = PIPELINE_FIELDS[pipeline]
+    for name in {f for names in PIPELINE_FIELDS.values() for f in names}:
+        value = fields.get(name)
+        if name in own and value is None:
+            raise ValueError(f"pipeline {pipeline!r} needs the field {name!r}")
+        if name not in own and value is not None:
+            raise ValueError(f"field {name!r} is not one of pipeline {pipeline!r}")
+    for name, valid in _CODES.items():
+        value = fields.get(name)
+        codes = [value] if isinstance(value, str) else list(value or ())
+        if name in ("structures", "scopes", "schedule") and value is not None and not codes:
+            raise ValueError(f"{name} needs at least one code")
+        for code in codes:
+            if code not in valid:
+                raise ValueError(
+                    f"{name} code {code!r} is not in the legend ({', '.join(sorted(valid))})"
+                )
 
 
 @functools.cache
@@ -133,7 +146,11 @@ def _read(path: str | None) -> tuple[dict[str, str], tuple[TaxonomyEntry, ...]]:
     dup = sorted({k for k in keys if keys.count(k) > 1})
     if dup:
         raise ConfigError(f"{where}: duplicate ap_key(s) {', '.join(dup)}")
-    return dict(data.get("legend") or {}), tuple(entries)
+    meanings = data.get("legend")
+    missing = sorted(set().union(*_CODES.values()) - set(meanings or {}))
+    if missing:
+        raise ConfigError(f"{where}: the legend does not expand {', '.join(missing)}")
+    return {str(k): str(v) for k, v in meanings.items()}, tuple(entries)
 
 
 def load_taxonomy(path: str | Path | None = None) -> list[TaxonomyEntry]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import fnmatch
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import nn
@@ -35,42 +35,81 @@ from advprune.sparsity.allocation import allocate, check_allocation, check_alloc
 from advprune.training.trainer import Regularizer
 
 PIPELINES = ("after", "before", "during")  # APB: A (post-training), B (at init), D (in training)
-SCHEDULES = ("one-shot", "iterative")
 
 
 @dataclass(frozen=True)
 class Taxonomy:
-    """A method's entry in the Adversarial Pruning Benchmark taxonomy (APB, arXiv 2409.01249).
+    """A method's classification in the Adversarial Pruning Benchmark (APB, arXiv 2409.01249),
+    in the codes of the benchmark's legend, as in :mod:`advprune.bench.taxonomy`'s data.
 
+    ``ap_key``: the AP key ``Name_CitationKey`` of the method's taxonomy entry;
     ``pipeline``: when pruning happens relative to training (after / before / during);
-    ``schedule``: one-shot or iterative; ``structures``: granularities supported;
-    ``scopes``: local (per layer) and / or global ranking; ``criterion``: what ranks units.
+    ``schedule``: ``1S`` (one-shot) and / or ``IT`` (iterative); ``structures``: ``S`` / ``US``;
+    ``scopes``: ``L`` (local) / ``G`` (global); ``criterion``: ``LWM``, ``SOLWM``, ``RELWM``,
+    ``LIS``, ``HGM`` or ``BCS``; the pipeline's own fields: ``pretraining`` and ``finetuning``
+    (after), ``pruning_step`` and ``training_step`` (before), ``training_step`` (during), each
+    a tuple of training codes (``AT``, ``NT``, ``KD``, ``CNI``, ``None``, ``n.s.``).
+    ``description`` and ``reference`` are free text.
+
+    This is the paper's classification, not what advprune implements: the granularities and
+    scopes a method accepts are :attr:`Method.structures` and :attr:`Method.scopes`.
     """
 
+    ap_key: str
     pipeline: str
-    schedule: str
+    schedule: tuple[str, ...] | None
     structures: tuple[str, ...]
     scopes: tuple[str, ...]
     criterion: str
+    pretraining: tuple[str, ...] | None = None
+    finetuning: tuple[str, ...] | None = None
+    pruning_step: tuple[str, ...] | None = None
+    training_step: tuple[str, ...] | None = None
+    description: str = ""
     reference: str = ""
-    ap_key: str = ""  # the method's key in the benchmark's taxonomy (advprune.bench.taxonomy)
 
     def __post_init__(self) -> None:
-        assert self.pipeline in PIPELINES, self.pipeline
-        assert self.schedule in SCHEDULES, self.schedule
-        assert set(self.structures) <= set(GRANULARITIES), self.structures
-        assert set(self.scopes) <= set(SCOPES), self.scopes
+        from advprune.bench.taxonomy import check_classification
+
+        try:
+            check_classification(self.pipeline, self.classification())
+        except ValueError as exc:
+            raise ValueError(f"taxonomy of {self.ap_key!r}: {exc}") from None
+
+    def classification(self) -> dict[str, Any]:
+        """The fields the benchmark's taxonomy data holds (no free text), as lists."""
+        out: dict[str, Any] = {"ap_key": self.ap_key, "pipeline": self.pipeline}
+        for name in (
+            "pretraining",
+            "finetuning",
+            "pruning_step",
+            "training_step",
+            "schedule",
+            "structures",
+            "scopes",
+        ):
+            value = getattr(self, name)
+            out[name] = None if value is None else list(value)
+        out["criterion"] = self.criterion
+        return out
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-able record (tuples as lists)."""
+        return {
+            **self.classification(),
+            "description": self.description,
+            "reference": self.reference,
+        }
 
 
 class Method(ABC):
     """Base class of pruning methods.
 
-    Subclasses set ``name``, ``taxonomy``, ``stages`` (ordered; ``"prune"`` is where
-    :meth:`prune` runs) and ``trains`` (stage -> parameter kinds trained in that stage; a
-    stage absent from ``trains`` has no training), and implement :meth:`prune`.
+    Subclasses set ``name``, ``taxonomy`` (the benchmark's classification of the method),
+    ``structures`` and ``scopes`` (the granularities and scopes this implementation accepts),
+    ``stages`` (ordered; ``"prune"`` is where :meth:`prune` runs) and ``trains`` (stage ->
+    parameter kinds trained in that stage; a stage absent from ``trains`` has no training),
+    and implement :meth:`prune`.
 
     Every method takes ``allocation`` (how the target sparsity is split over layers, see
     :mod:`advprune.sparsity.allocation`; default ``default_allocation``) and its
@@ -79,6 +118,8 @@ class Method(ABC):
 
     name: ClassVar[str]
     taxonomy: ClassVar[Taxonomy]
+    structures: ClassVar[tuple[str, ...]] = ("unstructured",)  # granularities implemented
+    scopes: ClassVar[tuple[str, ...]] = ("local",)  # scopes implemented
     stages: ClassVar[tuple[str, ...]]
     trains: ClassVar[Mapping[str, tuple[str, ...]]]
     options: ClassVar[Mapping[str, Any]] = {}
@@ -110,19 +151,19 @@ class Method(ABC):
                 f"scope 'global' is allocation 'global', not {allocation!r}; "
                 "give one of them (scope local with any allocation)"
             )
-        if allocation == "global" and "global" in self.taxonomy.scopes:
+        if allocation == "global" and "global" in self.scopes:
             scope = "global"
         self.allocation = allocation
         self.allocation_params = check_allocation_params(allocation, allocation_params or {})
-        if structure not in self.taxonomy.structures:
+        if structure not in self.structures:
             raise ConfigError(
                 f"method {self.name!r} does not support structure {structure!r}; "
-                f"it supports: {', '.join(self.taxonomy.structures)}"
+                f"it supports: {', '.join(self.structures)}"
             )
-        if scope not in self.taxonomy.scopes:
+        if scope not in self.scopes:
             raise ConfigError(
                 f"method {self.name!r} does not support scope {scope!r}; "
-                f"it supports: {', '.join(self.taxonomy.scopes)}"
+                f"it supports: {', '.join(self.scopes)}"
             )
         unknown = set(options) - set(self.options)
         if unknown:
@@ -232,6 +273,13 @@ def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator registering a method under ``cls.name``."""
     if cls.name in _METHODS and _METHODS[cls.name] is not cls:
         raise ValueError(f"method {cls.name!r} is already registered")
+    bad = [s for s in cls.structures if s not in GRANULARITIES]
+    bad += [s for s in cls.scopes if s not in SCOPES]
+    if bad or not cls.structures or not cls.scopes:
+        raise ValueError(
+            f"{cls.__name__}.structures / scopes must be non-empty and within "
+            f"{', '.join(GRANULARITIES)} / {', '.join(SCOPES)}, got {cls.structures} / {cls.scopes}"
+        )
     for stage in cls.trains:
         if stage not in cls.stages:
             raise ValueError(f"{cls.__name__}.trains names unknown stage {stage!r}")

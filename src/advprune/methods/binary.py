@@ -93,17 +93,22 @@ class BinarySubnet(Method):
 
     name: ClassVar[str] = "binary"
     taxonomy: ClassVar[Taxonomy] = Taxonomy(
+        ap_key="Binary_Liu2022Robust",
         pipeline="before",
-        schedule="one-shot",
-        structures=("unstructured",),
-        scopes=("local",),
-        criterion="learned scores on frozen random ±1 weights, n^p layer densities",
+        pruning_step=("AT",),
+        training_step=("None",),
+        schedule=("1S",),
+        structures=("US",),
+        scopes=("L",),
+        criterion="LIS",
+        description="learned scores on frozen random ±1 weights, n^p layer densities",
         reference=(
             "Liu et al., Robust Binary Models by Pruning Randomly-initialized Networks, "
             "NeurIPS 2022"
         ),
-        ap_key="Binary_Liu2022Robust",
     )
+    structures: ClassVar[tuple[str, ...]] = ("unstructured",)
+    scopes: ClassVar[tuple[str, ...]] = ("local",)
     stages: ClassVar[tuple[str, ...]] = ("prune",)
     trains: ClassVar[dict[str, tuple[str, ...]]] = {"prune": ("scores",)}
     default_allocation: ClassVar[str] = "np"

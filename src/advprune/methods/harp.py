@@ -384,14 +384,19 @@ class HARP(Method):
 
     name: ClassVar[str] = "harp"
     taxonomy: ClassVar[Taxonomy] = Taxonomy(
-        pipeline="after",
-        schedule="one-shot",
-        structures=("unstructured", "channels"),
-        scopes=("local",),
-        criterion="learned scores ranked per layer, learned layer rates under a global budget",
-        reference="Zhao & Wressnegger, Holistic Adversarially Robust Pruning, ICLR 2023",
         ap_key="HARP_Zhao2023Holistic",
+        pipeline="after",
+        pretraining=("AT",),
+        finetuning=("AT",),
+        schedule=("1S",),
+        structures=("S", "US"),
+        scopes=("G",),
+        criterion="LIS",
+        description="learned scores ranked per layer, learned layer rates under a global budget",
+        reference="Zhao & Wressnegger, Holistic Adversarially Robust Pruning, ICLR 2023",
     )
+    structures: ClassVar[tuple[str, ...]] = ("unstructured", "channels")
+    scopes: ClassVar[tuple[str, ...]] = ("local",)
     stages: ClassVar[tuple[str, ...]] = ("pretrain", "prune", "finetune")
     trains: ClassVar[dict[str, tuple[str, ...]]] = {
         "pretrain": ("weights", "bn"),

@@ -99,15 +99,21 @@ class HYDRA(Method):
 
     name: ClassVar[str] = "hydra"
     taxonomy: ClassVar[Taxonomy] = Taxonomy(
+        ap_key="HYDRA_Sehwag2020Hydra",
         pipeline="after",
-        schedule="one-shot",
-        structures=("unstructured", "filters", "channels"),
-        scopes=("local",),
-        criterion="importance scores learned with the robust objective",
+        pretraining=("AT",),
+        finetuning=("AT",),
+        schedule=("1S",),
+        structures=("US",),
+        scopes=("L",),
+        criterion="LIS",
+        description="importance scores learned with the robust objective",
         reference="Sehwag et al., HYDRA: Pruning Adversarially Robust Neural Networks, "
         "NeurIPS 2020",
-        ap_key="HYDRA_Sehwag2020Hydra",
     )
+    # implemented beyond the paper's unstructured pruning: filters and channels
+    structures: ClassVar[tuple[str, ...]] = ("unstructured", "filters", "channels")
+    scopes: ClassVar[tuple[str, ...]] = ("local",)
     stages: ClassVar[tuple[str, ...]] = ("pretrain", "prune", "finetune")
     trains: ClassVar[dict[str, tuple[str, ...]]] = {
         "pretrain": ("weights", "bn"),

@@ -41,10 +41,13 @@ def attach_magnitude_masks(
 
 
 _LWM_TAXONOMY = dict(
-    structures=("unstructured", "filters", "channels"),
-    scopes=("local", "global"),
-    criterion="weight magnitude",
-    reference="Han et al., Learning both Weights and Connections, NeurIPS 2015",
+    pipeline="after",
+    pretraining=("AT",),
+    finetuning=("AT",),
+    structures=("S", "US"),
+    scopes=("L", "G"),
+    criterion="LWM",
+    description="weight magnitude (filters / channels: mean |w|)",
 )
 
 
@@ -60,8 +63,13 @@ class LWM(Method):
 
     name: ClassVar[str] = "lwm"
     taxonomy: ClassVar[Taxonomy] = Taxonomy(
-        pipeline="after", schedule="one-shot", ap_key="LWM_Han2015Learning", **_LWM_TAXONOMY
+        ap_key="LWM_Han2015Learning",
+        schedule=("1S",),
+        reference="Han et al., Learning both Weights and Connections, NeurIPS 2015",
+        **_LWM_TAXONOMY,
     )
+    structures: ClassVar[tuple[str, ...]] = ("unstructured", "filters", "channels")
+    scopes: ClassVar[tuple[str, ...]] = ("local", "global")
     stages: ClassVar[tuple[str, ...]] = ("pretrain", "prune", "finetune")
     trains: ClassVar[dict[str, tuple[str, ...]]] = {
         "pretrain": ("weights", "bn"),
@@ -87,10 +95,10 @@ class IterativeLWM(LWM):
 
     name: ClassVar[str] = "lwm-iterative"
     taxonomy: ClassVar[Taxonomy] = Taxonomy(
-        pipeline="after",
-        schedule="iterative",
         ap_key="LWMIT_Zhu2017Prune",
-        **{**_LWM_TAXONOMY, "reference": "Zhu & Gupta, To prune, or not to prune, 2017"},
+        schedule=("IT",),
+        reference="Zhu & Gupta, To prune, or not to prune, 2017",
+        **_LWM_TAXONOMY,
     )
     trains: ClassVar[dict[str, tuple[str, ...]]] = {
         "pretrain": ("weights", "bn"),
