@@ -43,6 +43,25 @@ def test_make_key_translates_names():
 
 
 @pytest.mark.parametrize(
+    ("parts", "message"),
+    [
+        (("HY DRA", "R18", "CIFAR10", "US", 90), "method 'HY DRA'"),
+        (("A_B_C", "R18", "CIFAR10", "US", 90), "method 'A_B_C'"),
+        (("HYDRA", "resnet19", "CIFAR10", "US", 90), "architecture 'resnet19'"),
+        (("HYDRA", "R18", "mnist", "US", 90), "dataset 'mnist'"),
+        (("HYDRA", "R18", "CIFAR10", "blocks", 90), "structure 'blocks'"),
+        (("HYDRA", "R18", "CIFAR10", "US", 0), "sparsity 0"),
+        (("HYDRA", "R18", "CIFAR10", "US", "100"), "sparsity .100."),
+        (("HYDRA", "R18", "CIFAR10", "US", True), "must be a number"),
+    ],
+)
+def test_make_key_malformed_parts(parts, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        make_key(*parts)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
     ("text", "part"),
     [
         ("HYDRA_Sehwag2020Hydra_R19_CIFAR10_US_90", "architecture 'R19'"),

@@ -34,6 +34,20 @@ def test_exact_cells_and_bold():
     assert cell("MAD", "SVHN", "US", "V16", "95").robust == 24.90
     assert cell("HARP", "CIFAR10", "US", "R18", "99").bold
     assert hydra.key == "HYDRA_Sehwag2020Hydra_R18_CIFAR10_US_90"
+    flying = cell("FlyingBird", "SVHN", "US", "R18", "90")  # the one plain FlyingBird cell there
+    assert (flying.clean, flying.robust, flying.bold) == (92.60, 39.81, False)
+    assert cell("RADMM", "SVHN", "US", "V16", "99").robust == 37.91
+    assert all(r.url == "https://github.com/inspire-group/hydra" for r in reference_results()
+               if r.name == "HYDRA")  # fmt: skip
+
+
+def test_bold_cells_per_table():
+    bold = {(d, s): sum(r.bold for r in reference_results(d, s))
+            for d in ("CIFAR10", "SVHN") for s in ("US", "S")}  # fmt: skip
+    assert bold == {("CIFAR10", "US"): 18, ("CIFAR10", "S"): 6, ("SVHN", "US"): 18,
+                    ("SVHN", "S"): 6}  # fmt: skip
+    twin_s = [r.bold for r in reference_results("CIFAR10", "S") if r.name == "TwinRep"]
+    assert twin_s == [True] * 6
 
 
 def test_every_key_parses_and_is_unique():

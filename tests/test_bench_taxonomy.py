@@ -184,6 +184,17 @@ def test_cli(capsys):
     assert main(["taxonomy", "--criterion", "HGM", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in rows] == ["RFP"] and rows[0]["structures"] == ["S"]
+    assert main(["taxonomy", "--criterion", "HGM", "--criterion", "BCS", "--json"]) == 0
+    assert {r["name"] for r in json.loads(capsys.readouterr().out)} == {"RFP", "BCS-P"}
+    assert main(["taxonomy", "--pipeline", "during", "--structure", "S"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()[1:4]] == ["TwinRep", "DNR", "InTrain"]
+    assert main(["taxonomy", "--criterion", "LWM", "--schedule", "IT"]) == 0
+    out = capsys.readouterr().out
+    assert "LWM-IT*" in out and "Sehwag19 " in out and "* advprune's own method" in out
+    assert "legend: " in out and "IT: Iterative pruning" in out
+    assert main(["taxonomy", "--scope", "X"]) == 2
+    assert capsys.readouterr().err == "error: unknown scope X; valid: G, L\n"
     assert main(["taxonomy", "--structure", "XS"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown structure XS") and err.count("\n") == 1

@@ -42,13 +42,14 @@ def cmd_taxonomy(args: argparse.Namespace) -> int:
         second = e.finetuning or (e.training_step if e.pipeline == "before" else None)
         codes = [*(first or ()), *(second or ()), *(e.schedule or ()), *e.structures, *e.scopes]
         used.update([*codes, e.criterion])
+        name = e.name + ("*" if e.source == "advprune" else "")
         print(
-            f"{e.name:<12} {e.pipeline:<8} {_codes(first):<22} {_codes(second):<14} "
+            f"{name:<12} {e.pipeline:<8} {_codes(first):<22} {_codes(second):<14} "
             f"{_codes(e.schedule):<7} {_codes(e.structures):<6} {_codes(e.scopes):<6} "
             f"{e.criterion:<10} {e.ap_key}"
         )
-    print(
-        f"{len(entries)} methods. "
-        + "; ".join(f"{k}: {v}" for k, v in legend().items() if k in used)
-    )
+    print(f"{len(entries)} methods (source: the benchmark's taxonomy, arXiv 2409.01249).")
+    if any(e.source == "advprune" for e in entries):
+        print("* advprune's own method, classified with the benchmark's codes (not in its tables)")
+    print("legend: " + "; ".join(f"{k}: {v}" for k, v in legend().items() if k in used))
     return 0
