@@ -212,7 +212,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for method in methods:
         p = plan(method, args.budget, prune_epochs)
-        structures = method_class(method).taxonomy.structures
+        structures = method_class(method).structures
         wanted = [st for st in args.structures.split(",") if st in structures]
         jobs = [("unstructured", s) for s in args.unstructured if "unstructured" in wanted]
         jobs += [(st, s) for st in ("filters", "channels") if st in wanted

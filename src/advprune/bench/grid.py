@@ -159,7 +159,7 @@ def jobs(grid: Grid) -> list[Job]:
                 for structure in grid.structures:
                     for sparsity in grid.sparsities[structure]:
                         skip = None
-                        if structure not in cls.taxonomy.structures:
+                        if structure not in cls.structures:
                             skip = f"{method} does not support {structure} pruning"
                         key = make_key(ap_key, arch, dataset, structure, sparsity)
                         out.append(
