@@ -22,8 +22,9 @@ quickstart: $(STAMP)
 	$(BIN)/advprune quickstart --out quickstart_out
 
 # the leaderboard page is tested in headless Chromium (Debian's package), installed where missing
+# (with sudo only when not root and sudo exists)
 CHROMIUM_SETUP = command -v chromium >/dev/null 2>&1 || { \
-	SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	SUDO=; [ "$$(id -u)" = 0 ] || ! command -v sudo >/dev/null 2>&1 || SUDO=sudo; \
 	$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 test: $(STAMP)

@@ -2,25 +2,38 @@
 
 Measured results come from the results store, one protocol at a time (the same threat model
 and exact eps); a model's robust accuracy is its per-sample worst case over every attack of its
-evaluation. The benchmark's own figures (:mod:`advprune.bench.reference`) are shown in a
-separate section, always marked as reported, not measured here, and never compete with
-measured ones for the bold "best" mark.
+evaluation (the store's ``worst-case`` row), and models are ranked by it. The benchmark's own
+figures (:mod:`advprune.bench.reference`) are shown in a separate section, always marked as
+reported, not measured here, and never compete with measured ones for the bold "best" mark.
 
 The HTML page is one self-contained file (inline CSS, JavaScript and data; no request leaves
-the page): a sortable table, and the security curves of the models ticked in a list.
+the page, so it works from ``file://``): a sortable table, and the security curves of the
+models ticked in a list.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from advprune.errors import ConfigError
+from advprune.errors import AdvpruneError, ConfigError
 
-__all__ = ["Board", "Row", "collect", "leaderboard", "write_html", "write_markdown"]
+__all__ = [
+    "Board",
+    "Row",
+    "arch_name",
+    "collect",
+    "dataset_name",
+    "html_page",
+    "leaderboard",
+    "markdown",
+    "write_html",
+    "write_markdown",
+]
 
 ARCH_NAMES = {
     "R18": "ResNet18",
@@ -34,11 +47,28 @@ ARCH_NAMES = {
     "DCNN": "DigitsCNN",
 }
 DATASET_NAMES = {"CIFAR10": "CIFAR-10", "CIFAR100": "CIFAR-100", "SVHN": "SVHN", "DIGITS": "Digits"}
+STRUCTURE_ORDER = ("US", "S")  # the benchmark shows unstructured tables before structured ones
+WORST_CASE = "worst-case"  # the store's row of the per-sample worst case over the attacks
+MEASURED_SOURCE = "measured here"
+
+
+def arch_name(code: str) -> str:
+    """Readable name of an architecture code (``R18`` -> ``ResNet18``; unknown codes as is)."""
+    return ARCH_NAMES.get(code, code)
+
+
+def dataset_name(code: str) -> str:
+    """Readable name of a dataset code (``CIFAR10`` -> ``CIFAR-10``; unknown codes as is)."""
+    return DATASET_NAMES.get(code, code)
 
 
 @dataclass
 class Row:
-    """One model: measured here (``reported=False``) or reported by the benchmark."""
+    """One model: measured here (``reported=False``) or reported by the benchmark.
+
+    Accuracies are in percent; ``robust`` is the worst case over ``attacks`` (percent per
+    attack) for measured rows and the benchmark's figure for reported ones.
+    """
 
     key: str
     method: str
@@ -46,20 +76,27 @@ class Row:
     dataset: str
     structure: str
     sparsity: str
-    clean: float  # percent
-    robust: float | None  # percent
+    clean: float
+    robust: float | None
     reported: bool
     reliable: bool = True
     flags: list[str] = field(default_factory=list)
-    attacks: dict[str, float | None] = field(default_factory=dict)  # percent per attack
-    curve: dict[str, list[float]] | None = None  # {"eps": [...], "robust_accuracy": [...]}
+    attacks: dict[str, float | None] = field(default_factory=dict)
+    curve: dict[str, list[float]] | None = None  # {"eps": [...], "robust_accuracy": [0..1]}
     n: int | None = None
+    eps: str | None = None
     url: str | None = None
+    source: str = MEASURED_SOURCE
+
+    @property
+    def name(self) -> str:
+        """The method's display name (``HYDRA`` of ``HYDRA_Sehwag2020Hydra``)."""
+        return self.method.split("_")[0]
 
 
 @dataclass
 class Board:
-    """Everything a leaderboard shows."""
+    """Everything a leaderboard shows: the protocol of its measured rows and every row."""
 
     protocol: str | None
     rows: list[Row]
@@ -70,14 +107,43 @@ class Board:
     reference_source: str = ""
     reference_note: str = ""
 
+    @property
+    def measured(self) -> list[Row]:
+        """Rows measured here."""
+        return [r for r in self.rows if not r.reported]
+
+    @property
+    def reported(self) -> list[Row]:
+        """Rows reported by the benchmark, not measured here."""
+        return [r for r in self.rows if r.reported]
+
 
 def _pct(value: float | None) -> float | None:
     return None if value is None else 100.0 * value
 
 
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def _flag_text(flag: dict[str, Any]) -> str:
+    where = f" [{flag['attack']}]" if flag.get("attack") else ""
+    return _one_line(f"{flag.get('name')}{where}: {flag.get('message')}")
+
+
+def _method_url(method: str) -> str | None:
+    """The taxonomy's URL of a method's AP key or name, if it has one."""
+    try:
+        from advprune.bench.taxonomy import taxonomy_entry
+
+        return taxonomy_entry(method).url or None
+    except (AdvpruneError, ImportError):
+        return None
+
+
 def collect(store: Any, protocol: str | None = None, *, reference: bool = True) -> Board:
-    """The measured rows of ``store`` (a ResultsStore or its path) under ``protocol`` and the
-    benchmark's reported rows. With several protocols in the store, ``protocol`` is required."""
+    """The measured rows of ``store`` (a ResultsStore or its path) under ``protocol``, plus the
+    benchmark's reported rows. With several protocols stored, ``protocol`` is required."""
     from advprune.bench.reference import REFERENCE_NOTE, REFERENCE_SOURCE, reference_results
     from advprune.bench.store import ResultsStore
 
@@ -98,11 +164,13 @@ def collect(store: Any, protocol: str | None = None, *, reference: bool = True) 
     grouped: dict[str, list[Any]] = {}
     for r in store.results(protocol=protocol) if protocol else []:
         grouped.setdefault(r.key, []).append(r)
-    attacks: list[str] = []
     for key, results in grouped.items():
-        worst = next(r for r in results if r.attack == "worst-case")
+        worst = next((r for r in results if r.attack == WORST_CASE), None)
+        if worst is None:
+            raise ConfigError(f"{key} has no {WORST_CASE} row in {store.path}; re-add its report")
         k = worst.model_key
         curve = store.report(key, protocol).get("curve") or None
+        others = [r for r in results if r is not worst]
         board.rows.append(
             Row(
                 key=key,
@@ -115,65 +183,84 @@ def collect(store: Any, protocol: str | None = None, *, reference: bool = True) 
                 robust=_pct(worst.robust_accuracy),
                 reported=False,
                 reliable=worst.reliable,
-                flags=sorted({f"{f['name']}: {f['message']}" for f in worst.flags}),
-                attacks={r.attack: _pct(r.robust_accuracy) for r in results if r is not worst},
+                flags=sorted({_flag_text(f) for r in results for f in r.flags}),
+                attacks={r.attack: _pct(r.robust_accuracy) for r in others},
                 curve=curve and {"eps": curve["eps"], "robust_accuracy": curve["robust_accuracy"]},
                 n=worst.n,
+                eps=worst.eps,
+                url=_method_url(k.method),
             )
         )
-        attacks += [r.attack for r in results if r is not worst and r.attack not in attacks]
+        board.attacks += [r.attack for r in others if r.attack not in board.attacks]
         board.eps, board.eps_value, board.norm = worst.eps, worst.eps_value, worst.norm
-    board.attacks = attacks
     if reference:
-        board.reference_source, board.reference_note = REFERENCE_SOURCE, REFERENCE_NOTE
-        for ref in reference_results():
-            board.rows.append(
-                Row(
-                    key=ref.key,
-                    method=ref.ap_key,
-                    arch=ref.arch,
-                    dataset=ref.dataset,
-                    structure=ref.structure,
-                    sparsity=ref.sparsity,
-                    clean=ref.clean,
-                    robust=ref.robust,
-                    reported=True,
-                    url=ref.url,
-                )
+        board.reference_source = REFERENCE_SOURCE
+        # the leaderboard bolds the best robust accuracy per column, not the source's marks
+        sentences = re.split(r"(?<=\.)\s+", REFERENCE_NOTE.strip())
+        board.reference_note = " ".join(s for s in sentences if not s.startswith("Bold"))
+        board.rows += [
+            Row(
+                key=ref.key,
+                method=ref.ap_key,
+                arch=ref.arch,
+                dataset=ref.dataset,
+                structure=ref.structure,
+                sparsity=ref.sparsity,
+                clean=ref.clean,
+                robust=ref.robust,
+                reported=True,
+                url=ref.url,
+                source=REFERENCE_SOURCE,
             )
+            for ref in reference_results()
+        ]
     return board
 
 
-def _method_name(method: str) -> str:
-    return method.split("_")[0]
+# ---------------------------------------------------------------------------- Markdown
 
 
-def _tables(rows: list[Row]) -> dict[tuple[str, str], list[Row]]:
+def _tables(rows: list[Row]) -> list[tuple[tuple[str, str], list[Row]]]:
+    """Rows grouped by (dataset, structure), in the benchmark's order of tables."""
     tables: dict[tuple[str, str], list[Row]] = {}
     for r in rows:
         tables.setdefault((r.dataset, r.structure), []).append(r)
-    return tables
+    return sorted(
+        tables.items(),
+        key=lambda t: (_rank(DATASET_NAMES, t[0][0]), _rank(STRUCTURE_ORDER, t[0][1])),
+    )
+
+
+def _rank(order: Any, value: str) -> tuple[int, str]:
+    order = list(order)
+    return (order.index(value) if value in order else len(order), value)
 
 
 def _columns(rows: list[Row]) -> list[tuple[str, str]]:
     cols = {(r.arch, r.sparsity) for r in rows}
-    return sorted(cols, key=lambda c: (list(ARCH_NAMES).index(c[0]), float(c[1])))
+    return sorted(cols, key=lambda c: (_rank(ARCH_NAMES, c[0]), float(c[1])))
 
 
-def _markdown_table(rows: list[Row], cols: list[tuple[str, str]], notes: list[str]) -> list[str]:
+def _md_text(text: str) -> str:
+    """Text safe inside a Markdown table cell (no pipes, brackets or HTML)."""
+    return html.escape(_one_line(text)).replace("|", "\\|").replace("[", "\\[")
+
+
+def _markdown_table(rows: list[Row], notes: list[str]) -> list[str]:
+    """One table: rows = methods, columns = arch x sparsity, cells clean/robust (percent)."""
+    cols = _columns(rows)
     best: dict[tuple[str, str], float] = {}
     for r in rows:
         if r.robust is not None:
             c = (r.arch, r.sparsity)
             best[c] = max(best.get(c, -1.0), r.robust)
-    head = ["Name", *(f"{ARCH_NAMES[a]} {s}%" for a, s in cols)]
+    head = ["Name", *(f"{arch_name(a)} {s}%" for a, s in cols)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    methods = list(dict.fromkeys(r.method for r in rows))
-    for m in methods:
-        mine = {(r.arch, r.sparsity): r for r in rows if r.method == m}
+    for method in dict.fromkeys(r.method for r in rows):
+        mine = {(r.arch, r.sparsity): r for r in rows if r.method == method}
         first = next(iter(mine.values()))
-        name = f"[{_method_name(m)}]({first.url})" if first.url else _method_name(m)
-        cells = [name]
+        name = _md_text(first.name)
+        cells = [f"[{name}]({first.url})" if first.url else name]
         for c in cols:
             r = mine.get(c)
             if r is None:
@@ -184,7 +271,7 @@ def _markdown_table(rows: list[Row], cols: list[tuple[str, str]], notes: list[st
             if r.robust is not None and r.robust == best[c]:
                 text = f"**{text}**"
             if not r.reliable:
-                notes.append(f"{r.key}: " + "; ".join(r.flags))
+                notes.append(f"`{r.key}`: " + ("; ".join(map(_md_text, r.flags)) or "flagged"))
                 text += f" ⚠{len(notes)}"
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
@@ -192,107 +279,126 @@ def _markdown_table(rows: list[Row], cols: list[tuple[str, str]], notes: list[st
 
 
 def markdown(board: Board) -> str:
-    """The leaderboard as Markdown (see the module docstring)."""
-    measured = [r for r in board.rows if not r.reported]
-    reported = [r for r in board.rows if r.reported]
+    """The leaderboard as Markdown: measured tables, their flags, then the reported tables."""
+    measured, reported = board.measured, board.reported
     lines = ["# Adversarial pruning leaderboard", ""]
     if measured:
         n = sorted({r.n for r in measured if r.n is not None})
         lines += [
-            f"Measured here: protocol `{board.protocol}` ({board.norm}, eps {board.eps} = "
-            f"{board.eps_value:.6g} in input units), n = {', '.join(map(str, n))} test points, "
-            f"attacks {', '.join(board.attacks)}. Cells are clean / robust accuracy in percent; "
-            "robust is the per-sample worst case over the attacks. Bold: best robust accuracy "
-            "of the column. ⚠: the evaluation raised attack-failure flags (listed below); its "
-            "robust accuracy may be overestimated.",
+            f"**Measured here**: protocol `{board.protocol}`: {board.norm}, eps {board.eps} "
+            f"(= {board.eps_value:.6g} in input units [0, 1]), n = {', '.join(map(str, n))} "
+            f"test points, attacks {', '.join(board.attacks)}. Cells: clean/robust accuracy in "
+            "percent; robust is the per-sample worst case over the attacks. Bold: best robust "
+            "accuracy of the column. ⚠: the evaluation raised flags (listed below the tables); "
+            "its robust accuracy may be overestimated.",
+            "",
+        ]
+    else:
+        lines += ["**Measured here**: no results in the store yet.", ""]
+    if reported:
+        lines += [
+            f"**Reported** (not measured here): {board.reference_source}. Reported rows are in "
+            "their own tables below and never compete with measured ones for the bold mark.",
             "",
         ]
     notes: list[str] = []
-    for (dataset, structure), rows in sorted(_tables(measured).items()):
-        lines += [f"## {DATASET_NAMES[dataset]} {structure} pruning (measured here)", ""]
-        lines += [*_markdown_table(rows, _columns(rows), notes), ""]
+    for (dataset, structure), rows in _tables(measured):
+        lines += [f"## {dataset_name(dataset)} {structure} pruning (measured here)", ""]
+        lines += [*_markdown_table(rows, notes), ""]
     if notes:
-        lines += ["Flags:", ""] + [f"{i}. {text}" for i, text in enumerate(notes, 1)] + [""]
+        lines += ["Unreliable evaluations (⚠):", ""]
+        lines += [f"{i}. {text}" for i, text in enumerate(notes, 1)] + [""]
     if reported:
-        lines += [
-            "# Reported by the Adversarial Pruning Benchmark (not measured here)",
-            "",
-            f"Source: {board.reference_source}. {board.reference_note}",
-            "",
-        ]
-        for (dataset, structure), rows in sorted(_tables(reported).items()):
-            lines += [f"## {DATASET_NAMES[dataset]} {structure} pruning (reported)", ""]
-            lines += [*_markdown_table(rows, _columns(rows), []), ""]
+        lines += ["# Reported by the benchmark, not measured here", ""]
+        lines += [f"Source: {board.reference_source}. {board.reference_note}".rstrip(), ""]
+        for (dataset, structure), rows in _tables(reported):
+            lines += [f"## {dataset_name(dataset)} {structure} pruning (reported)", ""]
+            lines += [*_markdown_table(rows, []), ""]
     return "\n".join(lines)
 
 
 def write_markdown(board: Board, path: str | Path) -> Path:
     """Write :func:`markdown` to ``path`` atomically."""
-    from advprune.checkpoint import atomic_path
+    return _write_atomic(Path(path), markdown(board))
 
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(markdown(board), encoding="utf-8")
-    return path
+
+# ---------------------------------------------------------------------------- HTML
 
 
 def _page_data(board: Board) -> dict[str, Any]:
-    rows = []
-    for r in board.rows:
-        rows.append(
-            {
-                "key": r.key,
-                "method": _method_name(r.method),
-                "arch": ARCH_NAMES[r.arch],
-                "dataset": DATASET_NAMES[r.dataset],
-                "structure": r.structure,
-                "sparsity": float(r.sparsity),
-                "clean": r.clean,
-                "robust": r.robust,
-                "reported": r.reported,
-                "reliable": r.reliable,
-                "flags": r.flags,
-                "attacks": r.attacks,
-                "curve": r.curve,
-                "n": r.n,
-            }
-        )
+    rows = [
+        {
+            "key": r.key,
+            "method": r.name,
+            "arch": arch_name(r.arch),
+            "dataset": dataset_name(r.dataset),
+            "structure": r.structure,
+            "sparsity": float(r.sparsity),
+            "clean": r.clean,
+            "robust": r.robust,
+            "reported": r.reported,
+            "source": r.source,
+            "reliable": r.reliable,
+            "flags": r.flags,
+            "attacks": r.attacks,
+            "curve": r.curve,
+            "n": r.n,
+        }
+        for r in board.rows
+    ]
     return {
         "protocol": board.protocol,
         "eps": board.eps,
         "eps_value": board.eps_value,
         "norm": board.norm,
         "attacks": board.attacks,
+        "n": sorted({r.n for r in board.measured if r.n is not None}),
         "reference_source": board.reference_source,
+        "reference_note": board.reference_note,
         "rows": rows,
     }
 
 
+# characters that could end or confuse the <script> data block, as JSON escapes
+_SCRIPT_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028"}
+_SCRIPT_ESCAPES["\u2029"] = "\\u2029"
+
+
+def _script_json(data: Any) -> str:
+    """JSON safe inside ``<script type="application/json">`` (no ``</script>``, ``<!--``)."""
+    text = json.dumps(data, allow_nan=False, ensure_ascii=False)
+    return re.sub("[<>&\u2028\u2029]", lambda m: _SCRIPT_ESCAPES[m.group()], text)
+
+
 def html_page(board: Board) -> str:
     """The self-contained HTML page (see the module docstring)."""
-    data = json.dumps(_page_data(board), allow_nan=False, ensure_ascii=False)
-    data = data.replace("</", "<\\/")  # no "</script>" can end the data block early
-    title = html.escape(f"Adversarial pruning leaderboard ({board.protocol or 'reported only'})")
     from importlib import resources
 
+    title = f"Adversarial pruning leaderboard ({board.protocol or 'reported results only'})"
+    values = {"TITLE": html.escape(title), "DATA": _script_json(_page_data(board))}
     template = (resources.files("advprune.bench") / "data" / "leaderboard.html").read_text("utf-8")
-    return template.replace("{{TITLE}}", title).replace("{{DATA}}", data)
+    return re.sub(r"\{\{(TITLE|DATA)\}\}", lambda m: values[m.group(1)], template)
 
 
 def write_html(board: Board, path: str | Path) -> Path:
     """Write :func:`html_page` to ``path`` atomically."""
+    return _write_atomic(Path(path), html_page(board))
+
+
+def _write_atomic(path: Path, text: str) -> Path:
     from advprune.checkpoint import atomic_path
 
-    path = Path(path)
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(html_page(board), encoding="utf-8")
+        Path(tmp).write_text(text, encoding="utf-8")
     return path
 
 
-def leaderboard(store: str | Path, out: str | Path, protocol: str | None = None) -> dict[str, Path]:
+def leaderboard(
+    store_path: str | Path, out_dir: str | Path, protocol: str | None = None
+) -> dict[str, Path]:
     """Write ``OUT/leaderboard.md`` and ``OUT/leaderboard.html``; return their paths."""
-    board = collect(store, protocol)
-    out = Path(out)
+    board = collect(store_path, protocol)
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return {
         "markdown": write_markdown(board, out / "leaderboard.md"),
