@@ -212,6 +212,17 @@ def real_store(tmp_path_factory, one_thread):
     return store
 
 
+def _sync_playwright():
+    """Playwright's sync API; a clear failure when it is missing (skip: ADVPRUNE_SKIP_BROWSER=1)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if os.environ.get("ADVPRUNE_SKIP_BROWSER") == "1":
+            pytest.skip("ADVPRUNE_SKIP_BROWSER=1 and no playwright")
+        pytest.fail("playwright is not installed: pip install -e '.[dev]' (`make test` does)")
+    return sync_playwright()
+
+
 def _launch(p):
     if not Path(CHROMIUM).exists():
         if os.environ.get("ADVPRUNE_SKIP_BROWSER") == "1":
@@ -235,12 +246,11 @@ def _column(page, col: str) -> list[str]:
 
 
 def test_page_in_headless_chromium(real_store, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api")
     board = collect(real_store)
     robust = {r.key: r.robust for r in board.measured}
     assert len(set(robust.values())) == 4 and all(robust[k] > 0 for k in REAL)
     page_path = leaderboard(real_store.path, tmp_path / "board")["html"]
-    with playwright.sync_playwright() as p:
+    with _sync_playwright() as p:
         browser = _launch(p)
         page = browser.new_page(viewport={"width": 1600, "height": 900})
         urls: list[str] = []
