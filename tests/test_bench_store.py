@@ -346,3 +346,62 @@ def test_cli_list_filters_and_text(tmp_path, capsys):
     assert main(["bench", "show", "not a key", "--store", db]) == 2
     assert main(["bench", "add", str(tmp_path / "nothing"), "--store", db]) == 2
     assert "no report" in capsys.readouterr().err
+
+
+def _crash_mid_write(path: str) -> None:
+    """Child process: die hard (no rollback, no cleanup) after the delete and half the insert."""
+    import os
+
+    def die(con, sql, rows):
+        con.execute("PRAGMA cache_size = 1")  # spill changed pages into the file before dying
+        con.executemany(sql, rows[:2])
+        os._exit(3)
+
+    ResultsStore._insert = staticmethod(die)
+    report = make_report(0.1)
+    report.entries[0].details["log"] = "x" * 200_000  # rows over many pages: the cache spills
+    ResultsStore(path).add_report(report, KEY)
+
+
+def test_process_killed_mid_write_leaves_the_old_rows(tmp_path):
+    path = tmp_path / "r.sqlite"
+    store = ResultsStore(path)
+    store.add_report(make_report(0.5), KEY)
+    before = path.read_bytes()
+    proc = multiprocessing.get_context("spawn").Process(target=_crash_mid_write, args=(str(path),))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 3
+    # the file holds the dead writer's half-written pages, and its hot journal is beside it
+    assert path.read_bytes() != before and (tmp_path / "r.sqlite-journal").is_file()
+    rows = store.results(key=KEY)  # the next connection rolls the hot journal back
+    assert [r.attack for r in rows] == ["autoattack", "hofmn", "smoothing", "worst-case"]
+    assert rows[-1].robust_accuracy == 0.5
+    assert path.read_bytes() == before and not (tmp_path / "r.sqlite-journal").exists()
+    assert store.add_report(make_report(0.2), KEY)[-1].robust_accuracy == 0.2
+
+
+def test_json_output_is_strict_json(tmp_path, capsys):
+    db = str(tmp_path / "r.sqlite")
+    ResultsStore(db).add_report(make_report(), KEY)
+    capsys.readouterr()
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    for command in (["bench", "show", KEY], ["bench", "list"]):
+        assert main([*command, "--store", db, "--json"]) == 0
+        rows = json.loads(capsys.readouterr().out, parse_constant=refuse)
+        hofmn = next(r for r in rows if r["attack"] == "hofmn")
+        assert hofmn["details"] == {"median": "inf", "bad": "nan"}
+        assert hofmn["clean_accuracy"] == 0.9 and hofmn["key"] == KEY
+
+
+def test_empty_file_becomes_a_store_on_write_only(tmp_path):
+    path = tmp_path / "r.sqlite"
+    path.touch()
+    with pytest.raises(ConfigError, match="empty file"):
+        ResultsStore(path).keys()
+    assert path.stat().st_size == 0
+    ResultsStore(path).add_report(make_report(), KEY)
+    assert ResultsStore(path).keys() == [KEY]

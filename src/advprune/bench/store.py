@@ -19,7 +19,7 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,12 +33,12 @@ DEFAULT_STORE = "results.sqlite"
 STORE_VERSION = 1
 WORST_CASE = "worst-case"
 _BUSY_TIMEOUT_S = 60.0
-# Journal mode: the rollback journal ("DELETE", SQLite's default), set explicitly when the file
-# is created, not WAL. WAL needs a shared-memory index that network file systems (the cluster
-# home folders grid jobs write to from several nodes) do not provide, and it leaves -wal/-shm
-# files beside the store; the rollback journal only needs POSIX file locks. The store's writes
-# are rare and small, so WAL's concurrency gain buys nothing here.
-_JOURNAL_MODE = "DELETE"
+# Journal mode: SQLite's default rollback journal ("delete"), deliberately not WAL. WAL needs a
+# shared-memory index that network file systems (the cluster home folders grid jobs write to
+# from several nodes) do not provide, and it leaves -wal/-shm files beside the store; the
+# rollback journal only needs POSIX file locks, and a crashed writer's hot journal is rolled
+# back by the next connection. The store's writes are rare and small, so WAL's concurrency
+# gain buys nothing here. (Only WAL is a persistent setting of the file: nothing to set.)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS advprune_store (version INTEGER NOT NULL);
@@ -146,6 +146,12 @@ class StoredResult:
         """The parsed model key."""
         return parse_key(self.key)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as strict JSON types (+-inf and nan as the strings the reports use)."""
+        from advprune.evaluation.report import _jsonable
+
+        return _jsonable(asdict(self))
+
 
 class ResultsStore:
     """A results store in the SQLite file ``path`` (created on the first write)."""
@@ -197,16 +203,15 @@ class ResultsStore:
                     if self.path.stat().st_size > 0:  # we hold the write lock: size is stable
                         # an SQLite database of someone else's that merely holds no table yet
                         raise ConfigError(f"{self.path} is an SQLite file but not a results store")
-                    con.execute(f"PRAGMA journal_mode={_JOURNAL_MODE}")
                     for stmt in _SCHEMA.strip().split(";"):
                         if stmt.strip():
                             con.execute(stmt)
                     con.execute("INSERT INTO advprune_store (version) VALUES (?)", (STORE_VERSION,))
+                    tables = {"advprune_store", "results"}
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
-            return
         if tables != {"advprune_store", "results"}:
             raise ConfigError(
                 f"{self.path} is not an advprune results store "

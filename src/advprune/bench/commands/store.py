@@ -77,8 +77,6 @@ def _grouped(rows: list[Any]) -> dict[tuple[str, str], list[Any]]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from advprune.bench.keys import dataset_code
     from advprune.bench.store import ResultsStore
 
@@ -91,7 +89,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         and (method is None or _method_matches(r.model_key.method, method))
     ]
     if args.as_json:
-        print(json.dumps([asdict(r) for r in rows], indent=2, default=str))
+        print(json.dumps([r.to_dict() for r in rows], indent=2, allow_nan=False))
         return 0
     for (key, protocol), group in _grouped(rows).items():
         attacks = "  ".join(f"{r.attack} {_pct(r.robust_accuracy)}" for r in group)
@@ -101,8 +99,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from advprune.bench.keys import parse_key
     from advprune.bench.store import ResultsStore
 
@@ -111,7 +107,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if not rows:
         raise ConfigError(f"no results of {key} in {store_path(args)}")
     if args.as_json:
-        print(json.dumps([asdict(r) for r in rows], indent=2, default=str))
+        print(json.dumps([r.to_dict() for r in rows], indent=2, allow_nan=False))
         return 0
     for (_, protocol), group in _grouped(rows).items():
         first = group[0]
