@@ -195,9 +195,7 @@ def collect(store: Any, protocol: str | None = None, *, reference: bool = True) 
         board.eps, board.eps_value, board.norm = worst.eps, worst.eps_value, worst.norm
     if reference:
         board.reference_source = REFERENCE_SOURCE
-        # the leaderboard bolds the best robust accuracy per column, not the source's marks
-        sentences = re.split(r"(?<=\.)\s+", REFERENCE_NOTE.strip())
-        board.reference_note = " ".join(s for s in sentences if not s.startswith("Bold"))
+        board.reference_note = REFERENCE_NOTE
         board.rows += [
             Row(
                 key=ref.key,
