@@ -6,6 +6,7 @@ eps values are always in input units [0, 1]; fractions such as ``"8/255"`` are p
 from __future__ import annotations
 
 from fractions import Fraction
+from typing import Any
 
 import torch
 
@@ -81,3 +82,11 @@ def check_unit_range(x: torch.Tensor, name: str = "inputs") -> None:
             f"{name} must be in [0, 1] (got min {lo:.4g}, max {hi:.4g}); "
             "pass unnormalised images: normalisation is the model's first layer"
         )
+
+
+def first_validation_error(exc: Any) -> str:
+    """``"field.path: message"`` of a pydantic ``ValidationError``'s first error, one line."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ()))
+    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from advprune._validation import first_validation_error
 from advprune.errors import ConfigError, UnknownNameError
 
 __all__ = [
@@ -134,14 +135,10 @@ def _read(path: str | None) -> tuple[dict[str, str], tuple[TaxonomyEntry, ...]]:
         name = item.get("name", f"#{i}") if isinstance(item, dict) else f"#{i}"
         try:
             entries.append(TaxonomyEntry(**item))
-        except (ValidationError, TypeError) as exc:
-            if isinstance(exc, ValidationError):
-                err = exc.errors()[0]
-                field = ".".join(str(p) for p in err["loc"]) or "entry"
-                detail = f"{field}: {err['msg']}"
-            else:
-                detail = str(exc)
-            raise ConfigError(f"{where}: method {name!r}: {detail}") from None
+        except ValidationError as exc:
+            raise ConfigError(f"{where}: method {name!r}: {first_validation_error(exc)}") from None
+        except TypeError as exc:
+            raise ConfigError(f"{where}: method {name!r}: {exc}") from None
     keys = [e.ap_key for e in entries]
     dup = sorted({k for k in keys if keys.count(k) > 1})
     if dup:

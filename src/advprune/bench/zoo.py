@@ -38,6 +38,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from advprune._validation import first_validation_error
 from advprune.errors import CheckpointError, ConfigError, UnknownNameError
 
 __all__ = [
@@ -174,10 +175,7 @@ def _entry(path: Path, key: Any, item: Any) -> ZooEntry:
     try:
         entry = ZooEntry(**item)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{where}: {field + ': ' if field else ''}{msg}") from None
+        raise ConfigError(f"{where}: {first_validation_error(exc)}") from None
     arch = entry.card["architecture"]["name"]
     if arch != parsed.architecture:
         raise ConfigError(
