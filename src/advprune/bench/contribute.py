@@ -37,26 +37,36 @@ class BenchmarkResult:
     submission_path: Path
 
 
-def _base_model(model: nn.Module, key: Any) -> nn.Module:
-    """The key's base architecture; an advprune model of that architecture keeps its own
-    construction keywords (width, classes, channels, variant)."""
+# classes and input channels of the key's datasets, when no loaded dataset tells them
+_DATASET_SHAPE = {"CIFAR10": (10, 3), "CIFAR100": (100, 3), "SVHN": (10, 3), "DIGITS": (10, 1)}
+
+
+def _base_model(model: nn.Module, key: Any, data: Any = None) -> nn.Module:
+    """The key's base architecture for the dataset's classes and channels; an advprune model
+    of that architecture keeps its own construction keywords (width, variant)."""
     from advprune.models import create
 
     spec = getattr(model, "spec", None)
     if spec is not None and spec.name == key.architecture:
         return spec.build()
-    return create(key.architecture, num_classes=100 if key.dataset == "CIFAR100" else 10)
+    info = getattr(data, "info", None)
+    if info is not None:
+        classes, channels = info.num_classes, info.input_shape[0]
+    else:
+        classes, channels = _DATASET_SHAPE.get(key.dataset, (10, 3))
+    return create(key.architecture, num_classes=classes, in_channels=channels)
 
 
-def check_compliance(model: nn.Module, key: Any) -> dict[str, Any]:
-    """Whether ``model``'s state dict loads into the key's base architecture with strict=True.
+def check_compliance(model: nn.Module, key: Any, data: Any = None) -> dict[str, Any]:
+    """Whether ``model``'s state dict loads into the key's base architecture with strict=True
+    (masks folded in first; ``data``, a DataSplits, gives the classes and channels).
 
     Returns ``{"compliant", "architecture", "missing", "unexpected", "mismatched"}``.
     """
     from advprune.sparsity import export_dense
 
     state = export_dense(copy.deepcopy(model)).state_dict()
-    base = _base_model(model, key)
+    base = _base_model(model, key, data)
     expected = base.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -86,11 +96,15 @@ def _normalization(model: nn.Module, normalization: Any) -> dict[str, Any] | Non
         )
     if normalization == "none":
         return None
-    if not isinstance(normalization, dict) or set(normalization) != {"mean", "std"}:
+    try:
+        if not isinstance(normalization, dict) or set(normalization) != {"mean", "std"}:
+            raise TypeError
+        return {k: [float(v) for v in normalization[k]] for k in ("mean", "std")}
+    except (TypeError, ValueError):
         raise ConfigError(
-            f"normalization must be 'none' or {{'mean', 'std'}}, got {normalization!r}"
-        )
-    return {"mean": list(normalization["mean"]), "std": list(normalization["std"])}
+            "normalization must be 'none' or {'mean': [numbers], 'std': [numbers]}, "
+            f"got {normalization!r}"
+        ) from None
 
 
 def benchmark(
@@ -134,8 +148,12 @@ def benchmark(
     from advprune.evaluation import evaluate
 
     key = parse_key(model_key)
+    info = getattr(data, "info", None)
+    given = data if isinstance(data, str) else getattr(info, "name", None)
+    if given is not None and given.lower() != key.dataset_name:
+        raise ConfigError(f"the key {key} is for {key.dataset_name} but the data is {given}")
     norm_record = _normalization(model, normalization)
-    compliance = check_compliance(model, key)
+    compliance = check_compliance(model, key, data)
     if not compliance["compliant"] and require_compliance:
         parts = [
             f"{name} {', '.join(compliance[name][:5])}"
@@ -200,7 +218,11 @@ def benchmark(
         "flags": [str(f) for f in report.all_flags()],
         "compliance": compliance,
         "normalization": norm_record,
-        "distances": {"path": rows[0].per_sample_path, "sha256": rows[0].per_sample_sha256},
+        # relative to the folder of submission.json (= of report.json)
+        "distances": {
+            "path": report.files.get("per_sample"),
+            "sha256": rows[0].per_sample_sha256,
+        },
         "checkpoint_sha256": None if checkpoint is None else sha256_file(checkpoint),
         "advprune_version": __version__,
     }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
@@ -26,8 +28,13 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
         help="evaluate even if the model does not load into the base architecture",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--store", help="results store (default OUT/results.sqlite)")
+    p.add_argument("--store", help="results store (default $ADVPRUNE_STORE or OUT/results.sqlite)")
     p.set_defaults(func=cmd_benchmark)
+
+
+def out_store(store: str | None, out: str | Path) -> Path:
+    """``--store``, else ``$ADVPRUNE_STORE``, else ``OUT/results.sqlite``."""
+    return Path(store or os.environ.get("ADVPRUNE_STORE") or Path(out) / "results.sqlite")
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
@@ -47,7 +54,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         eps=args.eps,
         norm=args.norm,
         attacks=[a.strip() for a in args.attacks.split(",") if a.strip()],
-        store=args.store,
+        store=out_store(args.store, args.out),
         n=args.n,
         progress=args.progress,
         require_compliance=not args.allow_noncompliant,
