@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
+
 import pytest
 import yaml
 
@@ -60,6 +63,11 @@ def test_jobs_keys_and_skips(tmp_path, capsys):
         (lambda g: g.update(colour=1), "colour"),
         (lambda g: g["methods"]["lwm"]["finetune"].update(lr="fast"), "methods.lwm.finetune"),
         (lambda g: g.update(structures=["channels"]), "none for structure"),
+        (lambda g: g["methods"]["hydra"].update(options={"colour": 1}), "hydra.prune.*colour"),
+        (lambda g: g["evaluation"].update(attacks=["pgd", "magic"]), "unknown attack 'magic'"),
+        (lambda g: g["evaluation"].update(options={"pgd_step": 5}), "options.*pgd_step"),
+        (lambda g: g["evaluation"].update(eps="8/0"), "evaluation.eps"),
+        (lambda g: g.update(architectures=["lenet"]), "lenet"),
     ],
 )
 def test_bad_grid_rejected_before_anything(tmp_path, change, message, capsys):
@@ -81,37 +89,55 @@ def test_run_store_skip_and_resume_after_crash(tmp_path, monkeypatch):
     assert rows[-1].key == LWM and rows[-1].n == 24 and rows[-1].protocol == "linf-3/16"
     dense = out / "dense" / "digits_cnn_digits" / "model.safetensors"
     dense_mtime = dense.stat().st_mtime_ns
-    # a crash after the training stages: the rerun reuses them (and the dense model)
-    monkeypatch.setenv("ADVPRUNE_GRID_CRASH", "after-train")
+    # a crash after the prune stage: the rerun reuses it (and the dense model), then finetunes
+    monkeypatch.setenv("ADVPRUNE_GRID_CRASH", "after-prune")
     with pytest.raises(RuntimeError, match="test hook"):
         run_job(grid, hydra, out, store, progress=False)
     folder = out / "jobs" / hydra.key
-    stamps = {
-        s: (folder / s / "model.safetensors").stat().st_mtime_ns for s in ("prune", "finetune")
-    }
-    assert not ResultsStore(store).has(hydra.key)
+    pruned = (folder / "prune" / "model.safetensors").stat().st_mtime_ns
+    assert not (folder / "finetune").exists() and not ResultsStore(store).has(hydra.key)
     monkeypatch.delenv("ADVPRUNE_GRID_CRASH")
     run_job(grid, hydra, out, store, progress=False)
-    assert {s: (folder / s / "model.safetensors").stat().st_mtime_ns for s in stamps} == stamps
+    assert (folder / "prune" / "model.safetensors").stat().st_mtime_ns == pruned
+    assert (folder / "finetune" / "done").exists()
     assert dense.stat().st_mtime_ns == dense_mtime
     assert ResultsStore(store).keys() == sorted([LWM, hydra.key])
     # the model evaluated is the exported finetuned one, at the job's sparsity
     report = ResultsStore(store).report(hydra.key, "linf-3/16")
     assert report["model"]["measured_sparsity"] == pytest.approx(0.9, abs=0.01)
+    exported = json.loads((folder / "export" / "model.json").read_text())
+    assert exported["exported_from"]["path"].endswith("finetune/model.safetensors")
+    # a grid changed since: the finished stage of other settings is refused, not reused
+    changed = yaml.safe_load(yaml.safe_dump(GRID, sort_keys=False))
+    changed["methods"]["hydra"]["finetune"]["epochs"] = 2
+    with pytest.raises(ConfigError, match=r"finished finetune stage with other settings \(epochs"):
+        run_job(load_grid(write(tmp_path, changed, "changed.yaml")), hydra, out, store)
 
 
-def test_one_process_per_job_and_rerun_skips(tmp_path, capsys):
+def test_one_process_per_job_failure_and_rerun(tmp_path, capfd):
     grid = yaml.safe_load(yaml.safe_dump(GRID, sort_keys=False))
     grid["methods"] = {"binary": grid["methods"]["binary"], "lwm": grid["methods"]["lwm"]}
     grid["structures"] = ["unstructured"]
     path = write(tmp_path, grid)
     out = tmp_path / "out"
-    assert main(["bench", "run", str(path), "--out", str(out), "--no-progress"]) == 0
-    text = capsys.readouterr().out
-    assert "2 ran, 0 already stored" in text
+    binary = "Binary_Liu2022Robust_DCNN_DIGITS_US_90"
+    # the binary job is held by "another process" (this one): it fails, the lwm job still runs
+    (out / "jobs").mkdir(parents=True)
+    with open(out / "jobs" / f"{binary}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert main(["bench", "run", str(path), "--out", str(out), "--no-progress"]) == 1
+    text = capfd.readouterr()
+    assert "is running in another process" in text.err
+    assert f"{binary}: FAILED (exit 2)" in text.out
+    assert "1 ran, 0 already stored, 0 skipped, 1 failed" in text.out
     store = ResultsStore(out / "results.sqlite")
-    assert store.keys() == sorted(["Binary_Liu2022Robust_DCNN_DIGITS_US_90", LWM])
-    added = [r.added for r in store.results()]
+    assert store.keys() == [LWM]
     assert main(["bench", "run", str(path), "--out", str(out), "--no-progress"]) == 0
-    assert "0 ran, 2 already stored" in capsys.readouterr().out
+    assert "1 ran, 1 already stored" in capfd.readouterr().out
+    assert store.keys() == sorted([binary, LWM])
+    added = [r.added for r in store.results()]
+    assert main(["bench", "run", str(path), "--out", str(out), "--list"]) == 0
+    assert [line.split()[1] for line in capfd.readouterr().out.splitlines()] == ["done"] * 2
+    assert main(["bench", "run", str(path), "--out", str(out), "--no-progress"]) == 0
+    assert "0 ran, 2 already stored" in capfd.readouterr().out
     assert [r.added for r in store.results()] == added

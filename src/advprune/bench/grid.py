@@ -15,11 +15,13 @@ A grid file (YAML) names the jobs::
     evaluation: {attacks: [autoattack, hofmn], eps: 3/16, n: null}
 
 Each job runs in ``OUT/jobs/<model key>/``: ``prune/`` and ``finetune/`` (the method's
-stages; a stage whose ``done`` marker exists is reused, an interrupted one resumes from its
-last epoch), ``export/`` (the plain dense checkpoint) and ``eval/`` (the report; resumes per
-batch); then the report is added to the results store under the job's model key. A job whose
-key and protocol are in the store is skipped. The dense model of each (architecture,
-dataset) is trained once in ``OUT/dense/<arch>_<dataset>/`` under a file lock.
+stages), ``export/`` (the plain dense checkpoint) and ``eval/`` (the report; resumes per
+batch); then the report is added to the results store under the job's model key. A finished
+stage is reused (its ``done`` marker records the settings it ran with; a grid file changed
+since is an error, not a stale model), an interrupted one resumes from its last epoch. A job
+whose key and protocol are in the store is skipped. The dense model of each (architecture,
+dataset) is trained once in ``OUT/dense/<arch>_<dataset>/`` under a file lock. The whole
+file (methods and their options, attacks, keys) is validated before any job runs.
 
 ``run_grid`` starts one process per job (``advprune bench run GRID --job K``), so a failure
 or a crash stays in its job; a cluster scheduler can run ``--job K`` itself (``--list``).
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -37,10 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from advprune.bench.keys import make_key
-from advprune.errors import ConfigError
+from advprune.errors import AdvpruneError, ConfigError
 
 __all__ = ["Grid", "Job", "jobs", "load_grid", "run_grid", "run_job"]
 
@@ -70,7 +73,46 @@ class EvaluationSpec(BaseModel):
     @field_validator("eps", mode="before")
     @classmethod
     def _eps_text(cls, value: Any) -> Any:
-        return None if value is None else str(value)
+        from advprune._validation import parse_number
+
+        if value is None:
+            return None
+        if parse_number(value, "eps") <= 0:  # the norm's range: checked in load_grid
+            raise ConfigError(f"eps must be > 0 for an evaluation, got {value!r}")
+        return str(value).strip()
+
+    @field_validator("attacks")
+    @classmethod
+    def _attacks(cls, value: list[str]) -> list[str]:
+        from advprune.errors import UnknownNameError
+        from advprune.evaluation import parse_attacks
+
+        try:
+            return list(parse_attacks(value))
+        except UnknownNameError as exc:  # a KeyError: pydantic reports ValueErrors only
+            raise ConfigError(str(exc)) from None
+
+    @field_validator("n", "batch_size")
+    @classmethod
+    def _positive(cls, value: int | None, info: ValidationInfo) -> int | None:
+        from advprune.attacks.pgd import check_steps
+
+        return None if value is None else check_steps(value, str(info.field_name))
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        import inspect
+
+        from advprune.evaluation import evaluate
+
+        own = {"model", "data", "eps", "norm", "attacks", "n", "batch_size", "seed", "out",
+               "progress", "model_info"}  # fmt: skip
+        valid = sorted(set(inspect.signature(evaluate).parameters) - own)
+        unknown = sorted(set(value) - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+        return value
 
 
 class Grid(BaseModel):
@@ -112,7 +154,8 @@ def load_grid(path: str | Path) -> Grid:
     """Read and validate a grid file; every method, structure and setting is checked first."""
     import yaml
 
-    from advprune.methods import list_methods
+    from advprune._validation import check_eps
+    from advprune.methods import list_methods, method_class
 
     path = Path(path)
     try:
@@ -126,7 +169,8 @@ def load_grid(path: str | Path) -> Grid:
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{path}: {where}: {err['msg']}") from None
+        cause = (err.get("ctx") or {}).get("error")  # our validators' own message
+        raise ConfigError(f"{path}: {where}: {cause or err['msg']}") from None
     unknown = sorted(set(grid.methods) - set(list_methods()))
     if unknown:
         raise ConfigError(
@@ -135,18 +179,33 @@ def load_grid(path: str | Path) -> Grid:
     missing = [s for s in grid.structures if s not in grid.sparsities]
     if missing:
         raise ConfigError(f"{path}: sparsities gives none for structure(s) {', '.join(missing)}")
+    from advprune.workflow import make_method
+
     for name, spec in grid.methods.items():  # every stage's settings must be valid RunConfigs
         for stage in ("prune", "finetune"):
+            settings = {**getattr(spec, stage), "method": name, "method_options": spec.options}
             try:
-                grid.config(**getattr(spec, stage), method=name, method_options=spec.options)
+                grid.config(**settings)
+                for structure in grid.structures:  # the method's options at every sparsity
+                    for sparsity in grid.sparsities[structure]:
+                        if stage == "prune" and structure in method_class(name).structures:
+                            cfg = grid.config(**settings, structure=structure, sparsity=sparsity)
+                            make_method(cfg)
             except ConfigError as exc:
                 raise ConfigError(f"{path}: methods.{name}.{stage}: {exc}") from None
-    grid.config(**grid.pretrain)
+    try:
+        grid.config(**grid.pretrain)
+        if grid.evaluation.eps is not None:
+            check_eps(grid.evaluation.eps, grid.config().norm, "evaluation.eps")
+        jobs(grid)  # architecture / dataset names and their key codes
+    except AdvpruneError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     return grid
 
 
 def jobs(grid: Grid) -> list[Job]:
     """Every job of the grid in a fixed order; unsupported combinations carry ``skip``."""
+    from advprune.bench.taxonomy import method_ap_key
     from advprune.methods import method_class
 
     base = grid.config()
@@ -155,7 +214,7 @@ def jobs(grid: Grid) -> list[Job]:
         for arch in grid.architectures or [base.model]:
             for method in grid.methods:
                 cls = method_class(method)
-                ap_key = cls.taxonomy.ap_key or method
+                ap_key = method_ap_key(method)
                 for structure in grid.structures:
                     for sparsity in grid.sparsities[structure]:
                         skip = None
@@ -191,25 +250,55 @@ def _locked(path: Path, *, wait: bool) -> Iterator[bool]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _stage(folder: Path, run: Any) -> Any:
-    """Load the stage result in ``folder`` if its ``done`` marker exists, else run it."""
-    from advprune.checkpoint import load_checkpoint
+def _settings(cfg: Any, **extra: Any) -> dict[str, Any]:
+    """What decides a stage's result: its RunConfig (without display / placement fields)."""
+    record = cfg.model_dump(mode="json", exclude={"progress", "out", "device"})
+    return json.loads(json.dumps({**record, **extra}, default=str))
+
+
+def _stage(folder: Path, name: str, settings: dict[str, Any], run: Any) -> Any:
+    """Reuse the finished stage in ``folder`` (its ``done`` marker holds the settings it ran
+    with), else run it; an interrupted training stage resumes from its last epoch.
+
+    Raises :class:`ConfigError` when the folder holds a finished stage of other settings (the
+    grid file changed), instead of silently storing a model the grid does not describe.
+    """
+    from advprune.checkpoint import load_checkpoint, write_json_atomic
     from advprune.workflow import MODEL_FILE
 
-    if (folder / DONE).exists():
-        return load_checkpoint(folder / MODEL_FILE)
-    result = run()
-    (folder / DONE).write_text("")
+    marker = folder / DONE
+    if marker.exists():
+        try:
+            before = json.loads(marker.read_text())
+        except ValueError:
+            before = None
+        if before != settings:
+            changed = (
+                sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+                if isinstance(before, dict)
+                else ["unknown"]
+            )
+            raise ConfigError(
+                f"{folder} holds a finished {name} stage with other settings "
+                f"({', '.join(changed)} differ); remove it or use another --out"
+            )
+        result = load_checkpoint(folder / MODEL_FILE)
+    else:
+        result = run()
+        write_json_atomic(marker, settings)
+    if _crash_point() == f"after-{name}":
+        raise RuntimeError(f"ADVPRUNE_GRID_CRASH=after-{name} (test hook)")
     return result
 
 
 def run_job(grid: Grid, job: Job, out: str | Path, store: str | Path, *, progress: bool = True):
-    """Run one job (prune, finetune, export, evaluate, store); return the stored rows.
+    """Run one job (pretrain if needed, prune, finetune, export, evaluate, store).
 
-    Raises :class:`ConfigError` if the job is running in another process.
+    Returns the stored rows. Raises :class:`ConfigError` if the job is running in another
+    process.
     """
     from advprune.bench.store import ResultsStore
-    from advprune.checkpoint import export_checkpoint, load_checkpoint
+    from advprune.checkpoint import export_checkpoint, load_checkpoint, read_card
     from advprune.evaluation import evaluate
     from advprune.methods import method_class
     from advprune.workflow import (
@@ -226,14 +315,13 @@ def run_job(grid: Grid, job: Job, out: str | Path, store: str | Path, *, progres
     out = Path(out)
     folder = out / "jobs" / job.key
     spec = grid.methods[job.method]
+    place = dict(dataset=job.dataset, model=job.arch, progress=progress)
     common = dict(
-        dataset=job.dataset,
-        model=job.arch,
+        place,
         method=job.method,
         sparsity=job.sparsity,
         structure=job.structure,
         method_options=spec.options,
-        progress=progress,
     )
     with _locked(out / "jobs" / f"{job.key}.lock", wait=False) as mine:
         if not mine:
@@ -241,39 +329,45 @@ def run_job(grid: Grid, job: Job, out: str | Path, store: str | Path, *, progres
         pcfg = grid.config(**{**common, **spec.prune})
         data = prepare_data(pcfg)
         cls = method_class(job.method)
-        if "pretrain" in cls.stages:
+        if "pretrain" in cls.stages:  # the dense model shared by the jobs of (arch, dataset)
             dense_dir = out / "dense" / f"{job.arch}_{job.dataset}"
-            dcfg = grid.config(**{**common, **grid.pretrain})
+            dcfg = grid.config(**{**place, **grid.pretrain})
             with _locked(out / "dense" / f"{job.arch}_{job.dataset}.lock", wait=True):
 
                 def pretrain():
                     fresh, _ = build_model(dcfg, data)
                     return train_stage(dcfg, prepare_data(dcfg), fresh, out=dense_dir)
 
-                start, _ = _stage(dense_dir, pretrain)
+                start, _ = _stage(dense_dir, "pretrain", _settings(dcfg), pretrain)
+            origin = read_card(dense_dir / MODEL_FILE)["tensors"]["sha256"]
         else:  # methods that prune at initialisation start from a fresh (seeded) network
             start, _ = build_model(pcfg, data)
-
+            origin = "fresh"
         model, card = _stage(
-            folder / "prune", lambda: prune_stage(pcfg, data, start, out=folder / "prune")
+            folder / "prune",
+            "prune",
+            _settings(pcfg, start=origin),
+            lambda: prune_stage(pcfg, data, start, out=folder / "prune"),
         )
         final = folder / "prune" / MODEL_FILE
         fcfg = grid.config(**{**common, **spec.finetune})
         if "finetune" in cls.stages and fcfg.epochs > 0:
             _stage(
                 folder / "finetune",
+                "finetune",
+                _settings(fcfg, start=read_card(final)["tensors"]["sha256"]),
                 lambda: finetune_stage(
                     fcfg, prepare_data(fcfg), model, card, out=folder / "finetune"
                 ),
             )
             final = folder / "finetune" / MODEL_FILE
-        if _crash_point() == "after-train":
-            raise RuntimeError("ADVPRUNE_GRID_CRASH=after-train (test hook)")
+        source = read_card(final)["tensors"]["sha256"]
         exported = folder / "export" / MODEL_FILE
-        if not (folder / "export" / DONE).exists():
-            export_checkpoint(final, exported)
-            (folder / "export" / DONE).write_text("")
-        model, card = load_checkpoint(exported)
+
+        def export():
+            return load_checkpoint(export_checkpoint(final, exported))
+
+        model, card = _stage(folder / "export", "export", {"source": source}, export)
         ev = grid.evaluation
         ecfg = grid.config(**common)
         evaluate(
@@ -301,6 +395,7 @@ def run_job(grid: Grid, job: Job, out: str | Path, store: str | Path, *, progres
 
 
 def _crash_point() -> str | None:
+    """Test hook: ``ADVPRUNE_GRID_CRASH=after-<stage>`` raises once that stage is finished."""
     return os.environ.get("ADVPRUNE_GRID_CRASH")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from advprune.bench.commands.store import add_store_flag, store_path
+from advprune.bench.commands.contribute import out_store
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--list", dest="list_jobs", action="store_true", help="list the jobs")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="same as --list")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    add_store_flag(p)
+    p.add_argument("--store", help="results store (default $ADVPRUNE_STORE or OUT/results.sqlite)")
     p.set_defaults(func=cmd_run)
 
 
@@ -28,8 +28,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     grid = load_grid(args.grid)
     out = Path(args.out or f"runs/{grid.name}")
-    # the store: --store, else $ADVPRUNE_STORE, else OUT/results.sqlite
-    store = store_path(args) if args.store or _env_store() else out / "results.sqlite"
+    store = out_store(args.store, out)
     all_jobs = jobs(grid)
     if args.list_jobs or args.dry_run:
         for job in all_jobs:
@@ -59,9 +58,3 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{len(outcome['skip'])} skipped, {len(outcome['failed'])} failed; store {store}"
     )
     return 1 if outcome["failed"] else 0
-
-
-def _env_store() -> bool:
-    import os
-
-    return bool(os.environ.get("ADVPRUNE_STORE"))
