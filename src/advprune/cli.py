@@ -615,6 +615,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FloatingPointError as exc:  # training diverged (e.g. a learning rate far too high)
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # output piped into a reader that stopped (`| head`)
+        import os
+
+        # stdout is gone: point it at /dev/null so the exit flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume from the last epoch", file=sys.stderr)
         return 130
