@@ -94,6 +94,7 @@ def test_markdown_measured_tables_bold_ties_and_flags(store):
 def test_markdown_reported_tables_in_the_benchmarks_layout(store):
     reported = markdown(collect(store)).split("# Reported by the benchmark, not measured here")[1]
     assert f"Source: {REFERENCE_SOURCE}" in reported
+    assert "bold marks the best reported robust accuracy of each column" in reported
     headings = re.findall(r"^## (.+)$", reported, re.M)
     assert headings == [
         f"{d} {s} pruning (reported)" for d in ("CIFAR-10", "SVHN") for s in ("US", "S")
@@ -277,6 +278,12 @@ def test_page_in_headless_chromium(real_store, tmp_path):
         sparsity = [float(v) for v in _column(page, "sparsity")]
         assert sparsity == sorted(sparsity, reverse=True)
         page.click("th[data-col=key]")
+        assert _column(page, "key") == sorted(keys)
+        # hiding the reported rows leaves the measured ones, still sorted by key
+        page.uncheck("#show-reported")
+        assert _column(page, "key") == sorted(robust)
+        assert page.locator("tr.reported").count() == 0
+        page.check("#show-reported")
         assert _column(page, "key") == sorted(keys)
         # curves: the models with a curve are listed; tick two, then untick one
         assert sorted(

@@ -309,6 +309,11 @@ def markdown(board: Board) -> str:
     if reported:
         lines += ["# Reported by the benchmark, not measured here", ""]
         lines += [f"Source: {board.reference_source}. {board.reference_note}".rstrip(), ""]
+        lines += [
+            "In these tables bold marks the best reported robust accuracy of each column "
+            "(recomputed here, ties bold both; the source bolds some cells differently).",
+            "",
+        ]
         for (dataset, structure), rows in _tables(reported):
             lines += [f"## {dataset_name(dataset)} {structure} pruning (reported)", ""]
             lines += [*_markdown_table(rows, []), ""]
