@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
+
+from advprune.bench.commands.store import add_store_flag, store_path
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
@@ -28,13 +29,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
         help="evaluate even if the model does not load into the base architecture",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--store", help="results store (default $ADVPRUNE_STORE or OUT/results.sqlite)")
+    add_store_flag(p, "OUT/results.sqlite")
     p.set_defaults(func=cmd_benchmark)
-
-
-def out_store(store: str | None, out: str | Path) -> Path:
-    """``--store``, else ``$ADVPRUNE_STORE``, else ``OUT/results.sqlite``."""
-    return Path(store or os.environ.get("ADVPRUNE_STORE") or Path(out) / "results.sqlite")
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
@@ -54,7 +50,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         eps=args.eps,
         norm=args.norm,
         attacks=[a.strip() for a in args.attacks.split(",") if a.strip()],
-        store=out_store(args.store, args.out),
+        store=store_path(args, Path(args.out) / "results.sqlite"),
         n=args.n,
         progress=args.progress,
         require_compliance=not args.allow_noncompliant,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from advprune.bench.commands.contribute import out_store
+from advprune.bench.commands.store import add_store_flag, store_path
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--list", dest="list_jobs", action="store_true", help="list the jobs")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="same as --list")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--store", help="results store (default $ADVPRUNE_STORE or OUT/results.sqlite)")
+    add_store_flag(p, "OUT/results.sqlite")
     p.set_defaults(func=cmd_run)
 
 
@@ -28,7 +28,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     grid = load_grid(args.grid)
     out = Path(args.out or f"runs/{grid.name}")
-    store = out_store(args.store, out)
+    store = store_path(args, out / "results.sqlite")
     all_jobs = jobs(grid)
     if args.list_jobs or args.dry_run:
         for job in all_jobs:

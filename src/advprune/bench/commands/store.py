@@ -11,16 +11,16 @@ from typing import Any
 from advprune.errors import ConfigError
 
 
-def store_path(args: argparse.Namespace) -> Path:
-    """``--store``, else ``$ADVPRUNE_STORE``, else ``./results.sqlite``."""
+def store_path(args: argparse.Namespace, default: str | Path | None = None) -> Path:
+    """``--store``, else ``$ADVPRUNE_STORE``, else ``default`` (``./results.sqlite``)."""
     from advprune.bench.store import DEFAULT_STORE
 
-    return Path(args.store or os.environ.get("ADVPRUNE_STORE") or DEFAULT_STORE)
+    return Path(args.store or os.environ.get("ADVPRUNE_STORE") or default or DEFAULT_STORE)
 
 
-def add_store_flag(p: argparse.ArgumentParser) -> None:
+def add_store_flag(p: argparse.ArgumentParser, default: str = "./results.sqlite") -> None:
     """The ``--store FILE`` flag shared by the benchmark commands."""
-    p.add_argument("--store", help="results store (default $ADVPRUNE_STORE or ./results.sqlite)")
+    p.add_argument("--store", help=f"results store (default $ADVPRUNE_STORE or {default})")
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
