@@ -42,6 +42,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
+from advprune._validation import first_validation_error
 from advprune.bench.keys import make_key
 from advprune.errors import AdvpruneError, ConfigError
 
@@ -167,10 +168,7 @@ def load_grid(path: str | Path) -> Grid:
     try:
         grid = Grid(**data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        cause = (err.get("ctx") or {}).get("error")  # our validators' own message
-        raise ConfigError(f"{path}: {where}: {cause or err['msg']}") from None
+        raise ConfigError(f"{path}: {first_validation_error(exc)}") from None
     unknown = sorted(set(grid.methods) - set(list_methods()))
     if unknown:
         raise ConfigError(
