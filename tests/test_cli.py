@@ -263,7 +263,7 @@ def test_flags_not_given_do_not_override_yaml(tmp_path):
     cfg = _run_config(args)
     assert cfg.epochs == 1
     assert cfg.eps == "4/255" and cfg.eps_value() == 4 / 255
-    assert cfg.progress is False and cfg.augment is True and cfg.sparsity == 0.5
+    assert cfg.progress == "off" and cfg.augment is True and cfg.sparsity == 0.5
     args = build_parser().parse_args(["prune", "--config", str(path), "--sparsity", "99/100"])
     assert _run_config(args).sparsity == 0.99
 

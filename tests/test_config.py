@@ -162,7 +162,7 @@ def test_precedence_defaults_yaml_overrides(tmp_path):
     assert cfg.eps == "4/255" and cfg.eps_value() == 4 / 255  # YAML kept, no flag
     assert cfg.lr == 0.05  # YAML beats the command's base
     assert cfg.batch_size == 32  # base beats the class default
-    assert cfg.progress is False  # None override = not given
+    assert cfg.progress == "off"  # None override = not given
     assert cfg.momentum == RunConfig().momentum  # default
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from advprune.errors import AdvpruneError
+from advprune.progress import add_progress_flag, process_default
 
 EXIT_USAGE = 2
 
@@ -100,7 +101,7 @@ def _add_common(p: argparse.ArgumentParser, *, training: bool) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     g.add_argument("--out", help="output folder")
-    g.add_argument("--no-progress", dest="progress", action="store_const", const=False)
+    add_progress_flag(g)
 
 
 def _add_prune(p: argparse.ArgumentParser) -> None:
@@ -253,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="quickstart_out", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_progress_flag(p)
 
     from advprune.bench.commands import register_all
 
@@ -608,7 +609,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         func = getattr(args, "func", None) or COMMANDS[args.command]
-        return func(args)
+        with process_default(getattr(args, "progress", None)):  # --progress reaches every loop
+            return func(args)
     except AdvpruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from advprune._validation import check_eps, check_norm, check_sparsity, parse_number
 from advprune.errors import ConfigError, UnknownNameError
+from advprune.progress import check_mode
 
 # Default attack radius per dataset (L∞, input units). Digits are 8x8 images whose pixels take
 # the 17 values k/16: eps = 3/16 allows a change of three grey levels per pixel, small next to
@@ -89,7 +90,8 @@ class RunConfig(BaseModel):
     # run
     out: str = "runs/advprune"
     device: str = "auto"
-    progress: bool = True
+    # auto / bar / lines / off; None (also YAML true): $ADVPRUNE_PROGRESS, else auto; false: off
+    progress: str | None = None
 
     @field_validator("eps", "step_size", mode="before")
     @classmethod
@@ -98,6 +100,11 @@ class RunConfig(BaseModel):
             return None
         parse_number(value)  # raises ConfigError on garbage
         return str(value).strip()
+
+    @field_validator("progress", mode="before")
+    @classmethod
+    def _progress(cls, value: Any) -> str | None:
+        return check_mode(value)
 
     @field_validator("norm")
     @classmethod

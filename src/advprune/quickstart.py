@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from advprune.config import RunConfig
+from advprune.progress import ProgressSetting, note
 from advprune.workflow import (
     MODEL_FILE,
     build_model,
@@ -70,21 +71,27 @@ def run_quickstart(
     finetune_epochs: int = FINETUNE_EPOCHS,
     sparsities: tuple[float, ...] = SPARSITIES,
     seed: int = 0,
-    progress: bool = True,
+    progress: ProgressSetting = None,
     device: str = "auto",
 ) -> list[dict[str, Any]]:
-    """Run the quickstart into ``out``; return the result rows (also in ``out/results.json``)."""
+    """Run the quickstart into ``out``; return the result rows (also in ``out/results.json``).
+
+    ``progress``: a mode of :mod:`advprune.progress` (None: ``$ADVPRUNE_PROGRESS``, else auto).
+    """
     out = Path(out)
     base = dict(QUICKSTART, seed=seed, progress=progress, device=device, out=str(out))
     cfg = RunConfig(**base, epochs=pretrain_epochs)
     data = prepare_data(cfg)
     t0 = time.perf_counter()
     model, _ = build_model(cfg, data)
+    note(f"quickstart: PGD-AT pretraining of {cfg.model}, {pretrain_epochs} epochs", progress)
     dense, _ = train_stage(cfg, data, model, out=out / "dense")
     rows = [_row(cfg, data, dense, "dense", 0.0, out / "dense" / MODEL_FILE)]
     for sparsity in sparsities:
         name = f"lwm-{round(sparsity * 100)}"
         pcfg = RunConfig(**base, epochs=finetune_epochs, sparsity=sparsity)
+        note(f"quickstart: LWM to {name[4:]} % sparsity, then {finetune_epochs} epochs of PGD-AT "
+             "finetuning", progress)  # fmt: skip
         pruned, card = prune_stage(pcfg, data, dense, out=None)
         tuned, _ = finetune_stage(pcfg, data, pruned, card, out=out / name)
         rows.append(_row(pcfg, data, tuned, "lwm", sparsity, out / name / MODEL_FILE))

@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from advprune.errors import ConfigError
+from advprune.progress import ProgressSetting
 
 __all__ = ["BenchmarkResult", "benchmark", "check_compliance"]
 
@@ -119,7 +120,7 @@ def benchmark(
     store: Any = None,
     normalization: Any = None,
     n: int | None = None,
-    progress: bool = False,
+    progress: ProgressSetting = False,
     require_compliance: bool = True,
     checkpoint: str | Path | None = None,
     **eval_kwargs: Any,

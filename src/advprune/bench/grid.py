@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, fie
 from advprune._validation import first_validation_error
 from advprune.bench.keys import make_key
 from advprune.errors import AdvpruneError, ConfigError
+from advprune.progress import ProgressSetting, resolve
 
 __all__ = ["Grid", "Job", "jobs", "load_grid", "run_grid", "run_job"]
 
@@ -289,7 +290,9 @@ def _stage(folder: Path, name: str, settings: dict[str, Any], run: Any) -> Any:
     return result
 
 
-def run_job(grid: Grid, job: Job, out: str | Path, store: str | Path, *, progress: bool = True):
+def run_job(
+    grid: Grid, job: Job, out: str | Path, store: str | Path, *, progress: ProgressSetting = True
+):
     """Run one job (pretrain if needed, prune, finetune, export, evaluate, store).
 
     Returns the stored rows. Raises :class:`ConfigError` if the job is running in another
@@ -407,7 +410,7 @@ def job_status(grid: Grid, job: Job, store: str | Path) -> str:
 
 
 def run_grid(
-    path: str | Path, out: str | Path, store: str | Path, *, progress: bool = True
+    path: str | Path, out: str | Path, store: str | Path, *, progress: ProgressSetting = True
 ) -> dict[str, list[Job]]:
     """Run every pending job of the grid file ``path``, one process per job, in order.
 
@@ -424,8 +427,7 @@ def run_grid(
         print(f"[{job.index}] {job.key}: running", flush=True)
         cmd = [sys.executable, "-m", "advprune.cli", "bench", "run", str(path), "--job",
                str(job.index), "--out", str(out), "--store", str(store)]  # fmt: skip
-        if not progress:
-            cmd.append("--no-progress")
+        cmd += ["--progress", resolve(progress)]  # the same mode in every job
         code = subprocess.call(cmd)
         outcome["ran" if code == 0 else "failed"].append(job)
         if code:

@@ -40,6 +40,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from advprune._validation import first_validation_error
 from advprune.errors import CheckpointError, ConfigError, UnknownNameError
+from advprune.progress import ProgressSetting
+from advprune.progress import progress as progress_of
 
 __all__ = [
     "SCHEMES",
@@ -196,11 +198,9 @@ def load_registry(registry: str | Path | None = None) -> dict[str, ZooEntry]:
     return {str(key): _entry(path, key, item) for key, item in sorted(data.items(), key=str)}
 
 
-def _download(url: str, dest: Path, sha256: str, *, progress: bool) -> None:
+def _download(url: str, dest: Path, sha256: str, *, progress: ProgressSetting) -> None:
     """Stream ``url`` into a temporary file beside ``dest``; rename it onto ``dest`` only if its
     length and sha256 match. On any failure the temporary file is deleted."""
-    from tqdm import tqdm
-
     from advprune.checkpoint import atomic_path
 
     digest, got, total = hashlib.sha256(), 0, None
@@ -212,9 +212,9 @@ def _download(url: str, dest: Path, sha256: str, *, progress: bool) -> None:
         with response, open(tmp, "wb") as fh:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.strip().isdigit() else None
-            bar = tqdm(
-                total=total, unit="B", unit_scale=True, unit_divisor=1024, leave=False,
-                desc=f"{dest.parent.name}", disable=not progress or total is None,
+            bar = progress_of(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=f"{dest.parent.name}", mode=progress if total is not None else "off",
             )  # fmt: skip
             try:
                 with bar:
@@ -244,7 +244,7 @@ def fetch(
     *,
     registry: str | Path | None = None,
     cache_dir: str | Path | None = None,
-    progress: bool = True,
+    progress: ProgressSetting = True,
 ) -> Path:
     """The verified local tensor file of zoo model ``key`` (downloaded into the cache if its
     cached copy is missing or does not hash to the registry's sha256)."""
@@ -284,7 +284,7 @@ def load_model(
     registry: str | Path | None = None,
     cache_dir: str | Path | None = None,
     map_location: str = "cpu",
-    progress: bool = True,
+    progress: ProgressSetting = True,
 ) -> tuple[Any, dict[str, Any]]:
     """Download (if needed), verify and load zoo model ``key``; return ``(model, card)``.
 

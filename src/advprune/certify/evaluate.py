@@ -39,6 +39,7 @@ from advprune.certify.smoothing import (
 )
 from advprune.certify.verify import verified_accuracy
 from advprune.errors import ConfigError, UnknownNameError
+from advprune.progress import ProgressSetting
 
 __all__ = [
     "CERTIFIERS",
@@ -127,7 +128,7 @@ def certified_entries(
     batch_size: int = 128,
     seed: int = 0,
     device: torch.device | str | None = None,
-    progress: bool = False,
+    progress: ProgressSetting = False,
     plot: str | Path | None = None,
 ) -> tuple[list[Any], dict[str, np.ndarray]]:
     """Run the certifiers ``methods`` on the first ``n`` points of ``dataset``.

@@ -33,11 +33,12 @@ import torch
 from scipy.stats import beta as beta_dist
 from scipy.stats import binomtest, norm
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from advprune._validation import check_unit_range, parse_number
 from advprune.attacks.pgd import model_mode_scope
 from advprune.errors import ConfigError
+from advprune.progress import ProgressSetting
+from advprune.progress import progress as progress_of
 
 __all__ = [
     "ABSTAIN",
@@ -129,7 +130,7 @@ class Smooth:
         sigma: noise std in input units, > 0.
         batch_size: noisy copies per forward pass.
         seed: base seed; input ``index`` uses its own generator derived from ``(seed, index)``.
-        progress: show a progress bar over inputs.
+        progress: a bar or lines over inputs (a mode of :mod:`advprune.progress`).
     """
 
     ABSTAIN = ABSTAIN
@@ -142,7 +143,7 @@ class Smooth:
         *,
         batch_size: int = 1000,
         seed: int = 0,
-        progress: bool = False,
+        progress: ProgressSetting = False,
     ) -> None:
         self.model = model
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -197,9 +198,7 @@ class Smooth:
         preds = torch.full((x.shape[0],), ABSTAIN, dtype=torch.long)
         radii = torch.zeros(x.shape[0], dtype=torch.float64)
         with model_mode_scope(self.model, "eval"):
-            for i in tqdm(
-                range(x.shape[0]), desc="certify", leave=False, disable=not self.progress
-            ):
+            for i in progress_of(range(x.shape[0]), desc="certify", mode=self.progress):
                 g = self._generator(x.device, start_index + i, 0)
                 c_hat = int(self.sample_counts(x[i], n0, g).argmax())
                 n_a = int(self.sample_counts(x[i], n, g)[c_hat])
@@ -215,9 +214,7 @@ class Smooth:
         x = self._inputs(x)
         preds = torch.full((x.shape[0],), ABSTAIN, dtype=torch.long)
         with model_mode_scope(self.model, "eval"):
-            for i in tqdm(
-                range(x.shape[0]), desc="predict", leave=False, disable=not self.progress
-            ):
+            for i in progress_of(range(x.shape[0]), desc="predict", mode=self.progress):
                 counts = self.sample_counts(x[i], n, self._generator(x.device, start_index + i, 1))
                 top2 = counts.topk(2)
                 n_a, n_b = int(top2.values[0]), int(top2.values[1])
@@ -297,7 +294,7 @@ def certify_dataset(
     batch_size: int = 1000,
     seed: int = 0,
     max_points: int | None = None,
-    progress: bool = False,
+    progress: ProgressSetting = False,
 ) -> SmoothingResult:
     """Run ``certify`` on every point of ``loader`` (the first ``max_points``).
 
@@ -310,7 +307,8 @@ def certify_dataset(
     preds: list[int] = []
     radii: list[float] = []
     t0 = time.perf_counter()
-    bar = tqdm(desc=f"smoothing (sigma={smooth.sigma:g})", unit="pt", disable=not progress)
+    bar = progress_of(desc=f"smoothing (sigma={smooth.sigma:g})", unit="pt", leave=True,
+                      mode=progress)  # fmt: skip
     try:
         for x, y in loader:
             if max_points is not None and len(labels) >= max_points:

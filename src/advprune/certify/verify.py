@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from advprune._validation import check_eps, check_unit_range
 from advprune.certify.bounds import DEFAULT_MAX_CROWN_NEURONS, BoundedModel, check_bound_method
 from advprune.errors import ConfigError
+from advprune.progress import ProgressSetting
+from advprune.progress import progress as progress_of
 
 __all__ = ["VerifiedResult", "verified_accuracy", "verify_batch"]
 
@@ -73,7 +74,7 @@ def verified_accuracy(
     device: torch.device | str | None = None,
     input_shape: tuple[int, ...] | None = None,
     max_crown_neurons: int = DEFAULT_MAX_CROWN_NEURONS,
-    progress: bool = False,
+    progress: ProgressSetting = False,
 ) -> VerifiedResult:
     """Verified accuracy of ``model`` (in eval mode) on ``loader`` at L∞ radius ``eps``.
 
@@ -102,7 +103,7 @@ def verified_accuracy(
     flags: list[bool] = []
     correct = total = 0
     try:
-        for x, y in tqdm(loader, desc=f"verify ({method})", leave=False, disable=not progress):
+        for x, y in progress_of(loader, desc=f"verify ({method})", leave=True, mode=progress):
             x, y = x.to(device), y.to(device)
             check_unit_range(x)
             bounded.check_method(method, tuple(x.shape[1:]))

@@ -22,9 +22,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from tqdm.auto import tqdm
-
 from advprune.errors import ConfigError, DataError
+from advprune.progress import ProgressSetting
+from advprune.progress import progress as progress_of
 
 __all__ = ["SOURCES", "Source", "download_and_extract", "file_hash", "sources_for"]
 
@@ -119,7 +119,7 @@ def _hashes_match(path: Path, expected: dict[str, str]) -> bool:
     return all(file_hash(path, algo) == want for algo, want in expected.items())
 
 
-def _fetch(url: str, dest: Path, expected: dict[str, str], progress: bool) -> None:
+def _fetch(url: str, dest: Path, expected: dict[str, str], progress: ProgressSetting) -> None:
     """Download ``url`` to a temp file next to ``dest``, verify it, then rename into place."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
@@ -129,14 +129,13 @@ def _fetch(url: str, dest: Path, expected: dict[str, str], progress: bool) -> No
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
                 length = resp.headers.get("Content-Length") if resp.headers else None
                 total = int(length) if length and length.isdigit() else None
-                with tqdm(
+                with progress_of(
                     total=total,
                     unit="B",
                     unit_scale=True,
                     unit_divisor=1024,
                     desc=dest.name,
-                    disable=not progress,
-                    leave=False,
+                    mode=progress,
                 ) as bar:
                     for chunk in iter(lambda: resp.read(_CHUNK), b""):
                         out.write(chunk)
@@ -216,7 +215,7 @@ def download_and_extract(
     extract: bool = True,
     *,
     md5: str | None = None,
-    progress: bool = True,
+    progress: ProgressSetting = True,
 ) -> Path:
     """Download ``url`` into ``root`` (verified by ``sha256`` and/or ``md5``) and extract it.
 

@@ -26,12 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from advprune.attacks.fmn import FMN, FMN_LOSSES, FMN_OPTIMIZERS
 from advprune.attacks.pgd import model_mode_scope
 from advprune.checkpoint import write_json_atomic
 from advprune.errors import ConfigError
+from advprune.progress import ProgressSetting
+from advprune.progress import progress as progress_of
 
 __all__ = ["SEARCH_SPACE", "TuningResult", "fmn_config_from_params", "suggest_params", "tune_fmn"]
 
@@ -145,7 +146,7 @@ def tune_fmn(
     batch_size: int = 64,
     seed: int = 0,
     study_path: str | Path | None = None,
-    progress: bool = False,
+    progress: ProgressSetting = False,
     device: torch.device | str | None = None,
     on_trial: Callable[[int], None] | None = None,
 ) -> TuningResult:
@@ -188,7 +189,8 @@ def tune_fmn(
                 value=float(t["value"]),
             )
         )
-    bar = tqdm(total=trials, initial=len(done), desc="HO-FMN tuning", disable=not progress)
+    bar = progress_of(total=trials, initial=len(done), desc="HO-FMN tuning", unit="trial",
+                      leave=True, mode=progress)  # fmt: skip
     for k in range(len(done), trials):
         t0 = time.perf_counter()
         study.sampler = optuna.samplers.TPESampler(

@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from advprune._validation import check_eps, check_norm, check_unit_range
 from advprune.attacks.fmn import FMN, lp_distance
@@ -51,6 +50,8 @@ from advprune.evaluation.checks import (
 from advprune.evaluation.curve import default_eps_grid, plot_security_curve, security_curve
 from advprune.evaluation.hofmn import SEARCH_SPACE, tune_fmn
 from advprune.evaluation.report import Entry, Flag, Report
+from advprune.progress import ProgressSetting, resolve
+from advprune.progress import progress as progress_of
 
 __all__ = ["ATTACK_NAMES", "DEFAULT_ATTACKS", "evaluate", "parse_attacks"]
 
@@ -355,7 +356,7 @@ def _run_attack(
     seed: int,
     device: torch.device,
     out: Path | None,
-    progress: bool,
+    progress: ProgressSetting,
     after_batch: Callable[[str, int], None] | None,
 ) -> tuple[dict[str, np.ndarray], float]:
     n = data.x.shape[0]
@@ -363,7 +364,8 @@ def _run_attack(
     seconds = 0.0
     starts = range(0, n, batch_size)
     devices = [device] if device.type == "cuda" else []
-    for b, lo in enumerate(tqdm(starts, desc=attack.name, disable=not progress, leave=False)):
+    bar = progress_of(starts, desc=attack.name, unit="batch", leave=True, mode=progress)
+    for b, lo in enumerate(bar):
         hi = min(lo + batch_size, n)
         path = out / "batches" / f"{attack.name}_{b:05d}.npz" if out is not None else None
         if path is not None and path.exists():
@@ -413,7 +415,7 @@ def evaluate(
     tune_data: Any = None,
     out: str | Path | None = None,
     device: torch.device | str | None = None,
-    progress: bool = False,
+    progress: ProgressSetting = False,
     model_info: dict[str, Any] | None = None,
     after_batch: Callable[[str, int], None] | None = None,
 ) -> Report:
@@ -445,7 +447,8 @@ def evaluate(
         out: folder for ``report.json``, ``per_sample.npz``, ``security_curve.png/.svg``, the
             HO-FMN study and per-batch progress (resumable); ``None`` writes nothing.
         device: where to run (default: the model's device).
-        progress: show tqdm progress bars.
+        progress: ``auto``, ``bar``, ``lines``, ``off`` (or True: the default mode; False:
+            off), see :mod:`advprune.progress`: a bar or a line per attack.
         model_info: extra description of the model recorded in the report (e.g. checkpoint).
         after_batch: ``after_batch(attack, batch)`` after each batch is saved (for tests).
 
@@ -459,6 +462,7 @@ def evaluate(
         security curve (``report.curve``) is computed from it.
     """
     # ---- settings (all validated before any data is read or attack runs)
+    progress = resolve(progress)
     norm = check_norm(norm)
     eps_value = check_eps(eps, norm)
     if eps_value <= 0:
@@ -509,9 +513,7 @@ def evaluate(
     with model_mode_scope(model, "eval"):
         # ---- clean pass: output shape, labels, gradients, determinism (before any attack)
         preds, grad_norms, change = [], [], 0.0
-        for lo in tqdm(
-            range(0, total, batch_size), desc="clean", disable=not progress, leave=False
-        ):
+        for lo in progress_of(range(0, total, batch_size), desc="clean", mode=progress):
             x = ev.x[lo : lo + batch_size].to(device)
             y = ev.y[lo : lo + batch_size].to(device)
             bc = forward_checks(model, x, y, ev.num_classes)
@@ -621,7 +623,7 @@ def _run_named(
     *,
     device: torch.device,
     out: Path | None,
-    progress: bool,
+    progress: ProgressSetting,
     correct: np.ndarray,
     after_batch: Callable[[str, int], None] | None,
 ) -> tuple[Entry, dict[str, np.ndarray]]:

@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from advprune._validation import check_unit_range
 from advprune.checkpoint import load_state, save_checkpoint, save_state, tensor_path
 from advprune.errors import ConfigError, UnknownNameError
+from advprune.progress import Progress, ProgressSetting, note, progress, resolve
 from advprune.sparsity.masks import MaskBase
 from advprune.training.objectives import Objective
 
@@ -204,7 +204,7 @@ def evaluate_accuracy(
     attack: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     *,
     device: torch.device | str | None = None,
-    progress: bool = False,
+    progress: ProgressSetting = False,
     desc: str = "eval",
 ) -> tuple[float, float | None]:
     """Clean accuracy and, with ``attack``, robust accuracy, with the model in eval mode.
@@ -217,7 +217,7 @@ def evaluate_accuracy(
     model.eval()
     correct = robust = total = 0
     try:
-        for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        for x, y in _progress(loader, desc=desc, mode=progress):
             x, y = x.to(device), y.to(device)
             check_unit_range(x)
             with torch.no_grad():
@@ -233,6 +233,27 @@ def evaluate_accuracy(
     if total == 0:
         raise ConfigError("evaluation data is empty")
     return correct / total, (robust / total if attack is not None else None)
+
+
+def _progress(
+    iterable: Iterable[Any], *, desc: str, mode: ProgressSetting, total: int | None = None
+) -> Progress:
+    """A per-batch loop's progress: a bar that goes away, or a line only if it runs long."""
+    return progress(iterable, desc=desc, total=total, leave=False, mode=mode)
+
+
+def _epoch_line(row: EpochResult, epochs: int) -> str:
+    """One line of an epoch's figures (what ``lines`` mode prints per epoch)."""
+    text = (
+        f"epoch {row.epoch + 1}/{epochs}: loss {row.train_loss:.4f}, acc {row.train_accuracy:.4f}"
+    )
+    if row.val_clean_accuracy is not None:
+        text += f", val clean {row.val_clean_accuracy:.4f}"
+    if row.val_robust_accuracy is not None:
+        text += f", val robust {row.val_robust_accuracy:.4f}"
+    text += "".join(f", {k} {v:.4g}" for k, v in row.extra.items())
+    text += f", lr {row.lr:.4g}, {row.seconds:.1f} s"
+    return text + (" (best)" if row.best else "")
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -259,7 +280,9 @@ class Trainer:
             go; None keeps everything in memory (no resume, best weights restored at the end).
         card: extra checkpoint-card fields (dataset, method, objective, ...).
         resume: continue from ``out_dir/last`` if it exists.
-        progress: show progress bars.
+        progress: ``auto``, ``bar``, ``lines``, ``off``, or True / None (the default mode) /
+            False (off); see :mod:`advprune.progress`. Bars or lines per batch, and one line
+            per epoch with its figures.
         on_epoch_end: called with every epoch's :class:`EpochResult`.
         regularizer: a method's extra loss term and best-checkpoint rule (:class:`Regularizer`).
     """
@@ -279,7 +302,7 @@ class Trainer:
         out_dir: str | Path | None = None,
         card: Mapping[str, Any] | None = None,
         resume: bool = True,
-        progress: bool = True,
+        progress: ProgressSetting = True,
         on_epoch_end: Callable[[EpochResult], None] | None = None,
         regularizer: Regularizer | None = None,
     ) -> None:
@@ -294,7 +317,7 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.card = dict(card or {})
         self.resume = resume
-        self.progress = progress
+        self.progress = resolve(progress)
         self.on_epoch_end = on_epoch_end
         self.regularizer = regularizer
         if param_groups is None:
@@ -390,13 +413,12 @@ class Trainer:
         total_loss = 0.0
         correct = seen = 0
         lr = self._set_lr(epoch)
-        # make the iterator before tqdm: tqdm may touch the loader (and its generator) itself
-        bar = tqdm(
+        # make the iterator before the bar: tqdm may touch the loader (and its generator) itself
+        bar = _progress(
             iter(self.train_loader),
             total=n_batches,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            leave=False,
-            disable=not self.progress,
+            mode=self.progress,
         )
         for i, (x, y) in enumerate(bar):
             done = epoch + (i / n_batches if n_batches else 0.0)
@@ -474,6 +496,7 @@ class Trainer:
                 else:
                     best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             row.seconds = time.perf_counter() - t0
+            note(_epoch_line(row, cfg.epochs), self.progress)
             result.history.append(row)
             if self.metrics_path is not None:
                 with open(self.metrics_path, "a") as fh:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from advprune.bench.commands.store import add_store_flag, store_path
+from advprune.progress import add_progress_flag
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
@@ -28,7 +29,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
         action="store_true",
         help="evaluate even if the model does not load into the base architecture",
     )
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_progress_flag(p)
     add_store_flag(p, "OUT/results.sqlite")
     p.set_defaults(func=cmd_benchmark)
 

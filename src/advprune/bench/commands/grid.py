@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from advprune.bench.commands.store import add_store_flag, store_path
+from advprune.progress import add_progress_flag
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
@@ -17,7 +18,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.add_argument("--job", type=int, help="run only job K in this process (see --list)")
     p.add_argument("--list", dest="list_jobs", action="store_true", help="list the jobs")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="same as --list")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_progress_flag(p)
     add_store_flag(p, "OUT/results.sqlite")
     p.set_defaults(func=cmd_run)
 

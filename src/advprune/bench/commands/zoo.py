@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from advprune.progress import add_progress_flag
+
 _REGISTRY_HELP = "registry file (default $ADVPRUNE_ZOO, else the packaged one)"
 
 
@@ -24,6 +26,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     q.add_argument(
         "--cache", help="cache folder (default $ADVPRUNE_CACHE, else ~/.cache/advprune/zoo)"
     )
+    add_progress_flag(q)
     q.set_defaults(func=cmd_get)
     q = zoo.add_parser("add", help="add a local advprune checkpoint, served at URL, to a registry")
     q.add_argument("key", help="model key of the checkpoint")
@@ -48,7 +51,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_get(args: argparse.Namespace) -> int:
     from advprune.bench.zoo import fetch
 
-    print(fetch(args.key, registry=args.registry, cache_dir=args.cache))
+    print(fetch(args.key, registry=args.registry, cache_dir=args.cache, progress=args.progress))
     return 0
 
 
