@@ -151,12 +151,33 @@ def test_cli(store, tmp_path, monkeypatch, capsys):
     assert err.startswith("error: ") and "linf-1/8, linf-3/16" in err and "\n" not in err
     assert main(["leaderboard", "--out", str(out), "--protocol", "linf-1/8"]) == 0
     assert "`linf-1/8`" in (out / "leaderboard.md").read_text()
+    # a store named by --store or $ADVPRUNE_STORE must exist
+    for argv, env in (["--store", "missing.sqlite"], None), ([], "missing.sqlite"):
+        if env:
+            monkeypatch.setenv("ADVPRUNE_STORE", env)
+        assert main(["leaderboard", "--out", "x", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: no results store at missing.sqlite") and "\n" not in err
+        assert not Path("x").exists()
     monkeypatch.delenv("ADVPRUNE_STORE")
-    monkeypatch.chdir(tmp_path / "board")
-    assert main(["leaderboard", "--out", "x"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: no results store at results.sqlite") and "\n" not in err
-    assert not Path("x").exists()
+
+
+def test_cli_without_a_store_writes_the_reported_leaderboard(tmp_path, monkeypatch, capsys):
+    """A new user, in an empty folder: the benchmark's reported results, nothing measured."""
+    monkeypatch.delenv("ADVPRUNE_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["leaderboard", "--out", "board"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("no results store at results.sqlite: nothing measured yet; wrote ")
+    md = Path("board/leaderboard.md").read_text()
+    assert "**Measured here**: nothing measured yet (no results store;" in md
+    assert "(measured here)" not in md and md.count("(reported)") == 4
+    assert md == markdown(collect(None))
+    page = Path("board/leaderboard.html").read_text()
+    assert '"nothing_measured": "nothing measured yet' in page and "<table" in page
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["board"]  # no store was created
+    assert main(["leaderboard", "--out", "board", "--protocol", "linf-8/255"]) == 2
+    assert "there is no results store" in capsys.readouterr().err
 
 
 def test_failed_write_keeps_the_previous_page(store, tmp_path, monkeypatch):

@@ -106,6 +106,7 @@ class Board:
     attacks: list[str] = field(default_factory=list)
     reference_source: str = ""
     reference_note: str = ""
+    store: str | None = None  # the results store's path; None: no store (nothing measured)
 
     @property
     def measured(self) -> list[Row]:
@@ -142,13 +143,17 @@ def _method_url(method: str) -> str | None:
 
 
 def collect(store: Any, protocol: str | None = None, *, reference: bool = True) -> Board:
-    """The measured rows of ``store`` (a ResultsStore or its path) under ``protocol``, plus the
-    benchmark's reported rows. With several protocols stored, ``protocol`` is required."""
+    """The measured rows of ``store`` (a ResultsStore or its path; None: nothing measured yet)
+    under ``protocol``, plus the benchmark's reported rows. With several protocols stored,
+    ``protocol`` is required."""
     from advprune.bench.reference import REFERENCE_NOTE, REFERENCE_SOURCE, reference_results
     from advprune.bench.store import ResultsStore
 
-    store = store if isinstance(store, ResultsStore) else ResultsStore(store)
-    protocols = store.protocols()
+    if store is not None and not isinstance(store, ResultsStore):
+        store = ResultsStore(store)
+    if store is None and protocol is not None:
+        raise ConfigError(f"no results under protocol {protocol!r}: there is no results store")
+    protocols = store.protocols() if store is not None else []
     if protocol is None:
         if len(protocols) > 1:
             raise ConfigError(
@@ -160,9 +165,9 @@ def collect(store: Any, protocol: str | None = None, *, reference: bool = True) 
         raise ConfigError(
             f"no results under protocol {protocol!r}; stored: {', '.join(protocols) or 'none'}"
         )
-    board = Board(protocol=protocol, rows=[])
+    board = Board(protocol=protocol, rows=[], store=None if store is None else str(store.path))
     grouped: dict[str, list[Any]] = {}
-    for r in store.results(protocol=protocol) if protocol else []:
+    for r in store.results(protocol=protocol) if store is not None and protocol else []:
         grouped.setdefault(r.key, []).append(r)
     for key, results in grouped.items():
         worst = next((r for r in results if r.attack == WORST_CASE), None)
@@ -292,7 +297,7 @@ def markdown(board: Board) -> str:
             "",
         ]
     else:
-        lines += ["**Measured here**: no results in the store yet.", ""]
+        lines += [f"**Measured here**: {_nothing_measured(board)}", ""]
     if reported:
         lines += [
             f"**Reported** (not measured here): {board.reference_source}. Reported rows are in "
@@ -318,6 +323,15 @@ def markdown(board: Board) -> str:
             lines += [f"## {dataset_name(dataset)} {structure} pruning (reported)", ""]
             lines += [*_markdown_table(rows, []), ""]
     return "\n".join(lines)
+
+
+def _nothing_measured(board: Board) -> str:
+    if board.store is None:
+        return (
+            "nothing measured yet (no results store; `advprune bench add REPORT` adds an "
+            "evaluation report to one)."
+        )
+    return "no results in the store yet."
 
 
 def write_markdown(board: Board, path: str | Path) -> Path:
@@ -358,6 +372,7 @@ def _page_data(board: Board) -> dict[str, Any]:
         "n": sorted({r.n for r in board.measured if r.n is not None}),
         "reference_source": board.reference_source,
         "reference_note": board.reference_note,
+        "nothing_measured": _nothing_measured(board),
         "rows": rows,
     }
 
@@ -397,9 +412,11 @@ def _write_atomic(path: Path, text: str) -> Path:
 
 
 def leaderboard(
-    store_path: str | Path, out_dir: str | Path, protocol: str | None = None
+    store_path: str | Path | None, out_dir: str | Path, protocol: str | None = None
 ) -> dict[str, Path]:
-    """Write ``OUT/leaderboard.md`` and ``OUT/leaderboard.html``; return their paths."""
+    """Write ``OUT/leaderboard.md`` and ``OUT/leaderboard.html``; return their paths.
+
+    ``store_path`` None: nothing measured yet (the reported sections only)."""
     board = collect(store_path, protocol)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from advprune.bench.commands.store import add_store_flag, store_path
 
@@ -18,6 +19,15 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from advprune.bench.leaderboard import leaderboard
 
-    paths = leaderboard(store_path(args), args.out, args.protocol)
+    store = store_path(args)
+    named = args.store or os.environ.get("ADVPRUNE_STORE")
+    if not named and not store.exists():  # a new user: show the benchmark's reported results
+        paths = leaderboard(None, args.out, args.protocol)
+        print(
+            f"no results store at {store}: nothing measured yet; wrote the reported leaderboard "
+            f"to {paths['markdown']} and {paths['html']}"
+        )
+        return 0
+    paths = leaderboard(store, args.out, args.protocol)
     print(f"wrote {paths['markdown']} and {paths['html']}")
     return 0
