@@ -6,7 +6,16 @@ import itertools
 
 import pytest
 
-from advprune.bench.keys import ARCH_CODES, DATASET_CODES, make_key, parse_key
+from advprune.bench.keys import (
+    ARCH_CODES,
+    DATASET_CODES,
+    KEY_PARTS,
+    card_key_parts,
+    dense_key,
+    derive_key,
+    make_key,
+    parse_key,
+)
 from advprune.errors import ConfigError
 
 
@@ -79,3 +88,47 @@ def test_make_key_malformed_parts(parts, message):
 def test_malformed_parts(text, part):
     with pytest.raises(ConfigError, match=part.replace(".", r"\.")):
         parse_key(text)
+
+
+def test_dense_baseline_key():
+    assert dense_key("resnet18", "cifar10") == "Dense_R18_CIFAR10_US_0"
+    assert make_key("dense", "digits_cnn", "digits", "US", 0) == "Dense_DCNN_DIGITS_US_0"
+    key = parse_key("Dense_R18_CIFAR10_US_0")
+    assert key.is_dense and key.sparsity_value == 0.0
+    assert not parse_key("HYDRA_Sehwag2020Hydra_R18_CIFAR10_US_90").is_dense
+    # Dense and sparsity 0 go together, with US; no other spelling
+    for text in ("Dense_R18_CIFAR10_US_90", "HYDRA_R18_CIFAR10_US_0", "Dense_R18_CIFAR10_S_0",
+                 "DENSE_R18_CIFAR10_US_0", "dense_R18_CIFAR10_US_0"):  # fmt: skip
+        with pytest.raises(ConfigError, match="a dense baseline's key is Dense_R18_CIFAR10_US_0"):
+            parse_key(text)
+    with pytest.raises(ConfigError, match=r"must be a percent in \(0, 100\)"):
+        make_key("HYDRA", "R18", "CIFAR10", "US", 0)
+
+
+def test_key_derived_from_a_card():
+    card = {
+        "architecture": {"name": "resnet18"},
+        "dataset": {"name": "cifar10"},
+        "method": {"name": "hydra", "sparsity": 0.99, "structure": "unstructured"},
+        "sparsity": {"measured": 0.99},
+    }
+    parts = card_key_parts(card)
+    assert derive_key(parts) == (
+        "HYDRA_Sehwag2020Hydra_R18_CIFAR10_US_99",
+        dict.fromkeys(KEY_PARTS, "card"),
+    )
+    key, source = derive_key(parts, {"structure": "filters", "sparsity": "99.5"})
+    assert key == "HYDRA_Sehwag2020Hydra_R18_CIFAR10_S_99.5"
+    assert [n for n in KEY_PARTS if source[n] == "given"] == ["structure", "sparsity"]
+    dense = {**card, "method": None, "sparsity": {"measured": 0.0}}
+    assert derive_key(card_key_parts(dense))[0] == "Dense_R18_CIFAR10_US_0"
+    assert card_key_parts({**dense, "sparsity": None}, measured=0.0)["method"] == "Dense"
+    unknown = card_key_parts({**dense, "sparsity": {"measured": 0.5}})
+    assert unknown["method"] is None and unknown["arch"] == "resnet18"
+    with pytest.raises(ConfigError, match="does not tell the key's method, structure, sparsity"):
+        derive_key(unknown)
+    assert derive_key(unknown, {"method": "lwm", "structure": "US", "sparsity": 0.5})[0] == (
+        "LWM_Han2015Learning_R18_CIFAR10_US_50"
+    )
+    with pytest.raises(ConfigError, match="not pruned"):
+        derive_key(card_key_parts(dense), {"method": "hydra"})

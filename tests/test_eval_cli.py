@@ -128,3 +128,63 @@ def test_eps_grid_flag_sets_the_curve_grid(checkpoint, tmp_path):
     curve = json.loads((out / "report.json").read_text())["curve"]
     assert curve["eps"] == [0.0, 1 / 16, 1 / 8, 1 / 4]
     fails(["eval", checkpoint, "--attacks", "fmn", "--eps-grid", "0,4", *FAST], "4/255")
+
+
+def test_bench_add_derives_the_key_from_the_checkpoint_card(checkpoint, evaluated, tmp_path):
+    """`advprune eval CKPT --out E && advprune bench add E`: a method's model under the key its
+    card gives, the unpruned model as the dense baseline of its (architecture, dataset)."""
+    store = tmp_path / "results.sqlite"
+    rc, out, err = run(["bench", "add", evaluated["out"], "--store", store])
+    assert rc == 0, err
+    assert out.splitlines()[0] == (
+        "key Dense_DCNN_DIGITS_US_0 (from the checkpoint card: method, arch, dataset, "
+        "structure, sparsity)"
+    )
+    assert out.splitlines()[1].startswith("stored Dense_DCNN_DIGITS_US_0 (the dense baseline)")
+    # a pruned model (LWM, one shot, no training): its card names method, structure, sparsity
+    pruned, ev = tmp_path / "lwm", tmp_path / "lwm-eval"
+    rc, _, err = run(["prune", "--checkpoint", checkpoint, "--method", "lwm", "--sparsity", "0.8",
+                      "--structure", "filters", "--out", pruned, "--no-progress"])  # fmt: skip
+    assert rc == 0, err
+    rc, _, err = run(["eval", pruned / "model.safetensors", "--attacks", "pgd", "--n", "40",
+                      "--eval-steps", "2", "--out", ev, "--no-progress"])  # fmt: skip
+    assert rc == 0, err
+    rc, out, err = run(["bench", "add", ev, "--store", store])
+    assert rc == 0, err
+    assert out.startswith("key LWM_Han2015Learning_DCNN_DIGITS_S_80 (from the checkpoint card: ")
+    rc, out, _ = run(["bench", "list", "--store", store])
+    assert [line.split()[0] for line in out.splitlines()] == [
+        "Dense_DCNN_DIGITS_US_0", "LWM_Han2015Learning_DCNN_DIGITS_S_80"
+    ]  # fmt: skip
+    # partial flags override what the card says; --key still overrides everything
+    rc, out, err = run(["bench", "add", ev, "--store", store, "--method", "hydra",
+                        "--sparsity", "0.8"])  # fmt: skip
+    assert rc == 0, err
+    assert out.startswith("key HYDRA_Sehwag2020Hydra_DCNN_DIGITS_S_80 (from the checkpoint "
+                          "card: arch, dataset, structure; given: method, sparsity)")  # fmt: skip
+    rc, out, err = run(["bench", "add", ev, "--store", store, "--key", "X_DCNN_DIGITS_S_80"])
+    assert rc == 0 and out.startswith("stored X_DCNN_DIGITS_S_80 ["), err
+    fails(["bench", "add", ev, "--store", store, "--key", "X_DCNN_DIGITS_S_80", "--arch", "R18"],
+          "not both")  # fmt: skip
+    fails(["bench", "add", evaluated["out"], "--store", store, "--method", "hydra"],
+          "not pruned", "dense baseline")  # fmt: skip
+
+
+def test_bench_add_asks_for_what_the_card_cannot_tell(checkpoint, evaluated, tmp_path):
+    import shutil
+
+    report = json.loads((evaluated["out"] / "report.json").read_text())
+    old = tmp_path / "old"  # an older report: no key parts recorded, the checkpoint gone
+    shutil.copytree(evaluated["out"], old)
+    report["model"].pop("key_parts")
+    report["model"].update(checkpoint=str(tmp_path / "gone.safetensors"), measured_sparsity=0.5)
+    (old / "report.json").write_text(json.dumps(report))
+    store = tmp_path / "s.sqlite"
+    fails(["bench", "add", old, "--store", store], "does not tell the key's method, structure, "
+          "sparsity", "--method METHOD --structure STRUCTURE --sparsity SPARSITY")  # fmt: skip
+    assert not store.exists()
+    rc, out, err = run(["bench", "add", old, "--store", store, "--method", "lwm",
+                        "--structure", "US", "--sparsity", "50"])  # fmt: skip
+    assert rc == 0, err
+    assert out.startswith("key LWM_Han2015Learning_DCNN_DIGITS_US_50 (from the checkpoint "
+                          "card: arch, dataset; given: method, structure, sparsity)")  # fmt: skip

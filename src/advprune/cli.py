@@ -356,6 +356,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from advprune import workflow as wf
+    from advprune.bench.keys import card_key_parts
     from advprune.evaluation import DEFAULT_ATTACKS, evaluate, parse_attacks
     from advprune.sparsity import sparsity_report
 
@@ -387,6 +388,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "method": (card.get("method") or {}).get("name") if card else None,
         "measured_sparsity": sparsity_report(model, shape).sparsity,
     }
+    if card:  # what `bench add` derives the model key from
+        model_info["key_parts"] = card_key_parts(card, model_info["measured_sparsity"])
     out = cfg.out if "out" in cfg.model_fields_set else None
     if certifiers is not None:  # unsupported layers, sigma, eps: refused before any attack
         from advprune.certify.evaluate import check_certifiers

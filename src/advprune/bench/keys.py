@@ -9,30 +9,45 @@ A key names one pruned model, e.g. ``HYDRA_Sehwag2020Hydra_R18_CIFAR10_US_90``:
 - ``US`` (unstructured: weights) or ``S`` (structured: filters or channels);
 - ``sparsity``: the *removed* fraction in percent, ``90`` or ``99.5``.
 
+The dense model every method starts from is the *baseline* of its (architecture, dataset):
+``Dense_{arch}_{dataset}_US_0`` (:func:`dense_key`); ``Dense`` and sparsity ``0`` go together
+and name nothing else. Leaderboards show baselines marked, never ranked among the methods.
+
 Keys are parsed from the right, so the method may hold one underscore and every other part none.
 Every part is validated with a one-line :class:`~advprune.errors.ConfigError`.
+:func:`derive_key` builds a key from what a checkpoint card records (:func:`card_key_parts`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
 from advprune.errors import ConfigError
 
 __all__ = [
     "ARCH_CODES",
     "DATASET_CODES",
+    "DENSE",
+    "KEY_PARTS",
     "STRUCTURE_CODES",
     "ModelKey",
     "arch_code",
+    "card_key_parts",
     "dataset_code",
+    "dense_key",
+    "derive_key",
     "make_key",
     "parse_key",
     "sparsity_code",
     "structure_code",
 ]
+
+DENSE = "Dense"  # the method part of a dense baseline's key (with structure US, sparsity 0)
+KEY_PARTS = ("method", "arch", "dataset", "structure", "sparsity")
 
 # key code -> advprune model registry name (R18 / V16 are the benchmark's own codes)
 ARCH_CODES: dict[str, str] = {
@@ -151,6 +166,13 @@ class ModelKey:
             raise _one_of("dataset", self.dataset, DATASET_CODES)
         if self.structure not in STRUCTURE_CODES:
             raise _one_of("structure", self.structure, STRUCTURE_CODES)
+        if self.method.lower() == DENSE.lower() or self.sparsity == "0":
+            if (self.method, self.structure, self.sparsity) != (DENSE, "US", "0"):
+                raise ConfigError(
+                    f"{self}: a dense baseline's key is {dense_key(self.arch, self.dataset)} "
+                    f"(method {DENSE}, US, sparsity 0; a pruned model's sparsity is above 0)"
+                )
+            return
         if sparsity_code(self.sparsity) != self.sparsity:
             raise ConfigError(
                 f"sparsity {self.sparsity!r} in model key must be written "
@@ -159,6 +181,11 @@ class ModelKey:
 
     def __str__(self) -> str:
         return "_".join((self.method, self.arch, self.dataset, self.structure, self.sparsity))
+
+    @property
+    def is_dense(self) -> bool:
+        """Whether this is the dense baseline of its (architecture, dataset)."""
+        return self.method == DENSE
 
     @property
     def architecture(self) -> str:
@@ -185,8 +212,11 @@ def make_key(method: str, arch: str, dataset: str, structure: str, sparsity: str
     """The model key text; each part may be a code or an advprune name (see the module doc).
 
     ``make_key("HYDRA_Sehwag2020Hydra", "resnet18", "cifar10", "weights", 0.9)`` is
-    ``"HYDRA_Sehwag2020Hydra_R18_CIFAR10_US_90"``.
+    ``"HYDRA_Sehwag2020Hydra_R18_CIFAR10_US_90"``. Method ``Dense`` with sparsity 0 is the
+    dense baseline (:func:`dense_key`).
     """
+    if str(method).strip().lower() == DENSE.lower() and _is_zero(sparsity):
+        return str(ModelKey(DENSE, arch_code(arch), dataset_code(dataset), "US", "0"))
     return str(
         ModelKey(
             method=str(method).strip(),
@@ -210,3 +240,88 @@ def parse_key(text: str) -> ModelKey:
         )
     method, arch, dataset, structure, sparsity = parts
     return ModelKey(method, arch, dataset, structure, sparsity)
+
+
+def _is_zero(sparsity: str | float) -> bool:
+    try:
+        return not isinstance(sparsity, bool) and Decimal(str(sparsity).strip()) == 0
+    except InvalidOperation:
+        return False
+
+
+def dense_key(arch: str, dataset: str) -> str:
+    """The key of the dense baseline of (``arch``, ``dataset``): ``Dense_R18_CIFAR10_US_0``."""
+    return str(ModelKey(DENSE, arch_code(arch), dataset_code(dataset), "US", "0"))
+
+
+def card_key_parts(card: Mapping[str, Any], measured: float | None = None) -> dict[str, Any]:
+    """What a checkpoint card tells about its model key: ``method`` (the method's AP key, or
+    ``Dense`` for a model no method pruned whose ``measured`` sparsity, default the card's, is
+    0), ``arch`` and ``dataset`` (advprune names), ``structure`` (the granularity) and
+    ``sparsity`` (the method's target, removed fraction; 0 for a dense model). A part the card
+    does not tell is None."""
+    method = card.get("method") if isinstance(card.get("method"), Mapping) else None
+    if measured is None and isinstance(card.get("sparsity"), Mapping):
+        measured = card["sparsity"].get("measured")
+    parts: dict[str, Any] = {name: None for name in KEY_PARTS}
+    arch = card.get("architecture")
+    parts["arch"] = arch.get("name") if isinstance(arch, Mapping) else None
+    data = card.get("dataset")
+    parts["dataset"] = data.get("name") if isinstance(data, Mapping) else data
+    if method is None:
+        if measured == 0:  # never pruned: the dense model the methods start from
+            parts.update(method=DENSE, structure="US", sparsity=0)
+        return parts
+    ap_key = (method.get("taxonomy") or {}).get("ap_key")
+    if not ap_key and method.get("name"):
+        ap_key = _ap_key(str(method["name"]))
+    parts.update(method=ap_key, structure=method.get("structure"), sparsity=method.get("sparsity"))
+    return parts
+
+
+def _ap_key(method: str) -> str:
+    """The AP key of an advprune method name (``hydra``); any other text unchanged."""
+    from advprune.errors import AdvpruneError
+
+    if "_" in method or method.lower() == DENSE.lower():
+        return method
+    try:
+        from advprune.bench.taxonomy import method_ap_key
+
+        return method_ap_key(method.lower())
+    except AdvpruneError:
+        return method
+
+
+def derive_key(
+    parts: Mapping[str, Any], given: Mapping[str, Any] | None = None
+) -> tuple[str, dict[str, str]]:
+    """The model key from ``parts`` (e.g. :func:`card_key_parts`) with the parts the user
+    ``given`` taking precedence; returns the key and where each part came from (``"card"`` or
+    ``"given"``). A part neither tells is a one-line :class:`ConfigError` naming the flags."""
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    unknown = set(given) - set(KEY_PARTS)
+    if unknown:
+        raise ConfigError(f"unknown key parts {sorted(unknown)}; valid: {', '.join(KEY_PARTS)}")
+    if "method" in given:  # an advprune method name stands for its AP key
+        given["method"] = _ap_key(str(given["method"]).strip())
+    merged = {name: given.get(name, parts.get(name)) for name in KEY_PARTS}
+    source = {name: "given" if name in given else "card" for name in KEY_PARTS}
+    if merged["method"] is not None and str(merged["method"]).lower() == DENSE.lower():
+        merged["structure"] = merged["structure"] if "structure" in given else "US"
+        merged["sparsity"] = merged["sparsity"] if "sparsity" in given else 0
+    dense = merged["method"] is not None and str(merged["method"]).lower() == DENSE.lower()
+    if not dense and _is_zero(merged["sparsity"] if merged["sparsity"] is not None else 1):
+        raise ConfigError(
+            f"the model is not pruned (sparsity 0), so it is the dense baseline; leave out "
+            f"--method {merged['method']} (its key: Dense_..._US_0), or give --sparsity"
+        )
+    missing = [name for name in KEY_PARTS if merged[name] is None]
+    if missing:
+        flags = " ".join(f"--{name} {name.upper()}" for name in missing)
+        raise ConfigError(
+            f"the checkpoint card does not tell the key's {', '.join(missing)}; give {flags} "
+            "(or --key KEY)"
+        )
+    key = make_key(*(merged[name] for name in KEY_PARTS))
+    return key, source

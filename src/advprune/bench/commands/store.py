@@ -24,9 +24,26 @@ def add_store_flag(p: argparse.ArgumentParser, default: str = "./results.sqlite"
 
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
-    p = bench.add_parser("add", help="add an evaluation report to the results store")
+    p = bench.add_parser(
+        "add",
+        help="add an evaluation report to the results store",
+        description="The model key is derived from the evaluated checkpoint's card (method, "
+        "architecture, dataset, structure, sparsity); give only what the card cannot tell, or "
+        "--key. An unpruned model is stored as the dense baseline of its (architecture, "
+        "dataset): Dense_ARCH_DATASET_US_0.",
+    )
     p.add_argument("report", help="report.json, or the folder holding it")
-    p.add_argument("--key", help="model key (default: the report's model key)")
+    p.add_argument("--key", help="model key (default: derived from the checkpoint's card)")
+    g = p.add_argument_group("key parts the card cannot tell (each overrides the card's)")
+    g.add_argument(
+        "--method", help="AP key (HYDRA_Sehwag2020Hydra), an advprune method (hydra), or dense"
+    )
+    g.add_argument("--arch", help="architecture: code (R18) or model name (resnet18)")
+    g.add_argument("--dataset", help="dataset: code (CIFAR10) or name (cifar10)")
+    g.add_argument("--structure", help="US / unstructured, or S / filters / channels")
+    g.add_argument(
+        "--sparsity", type=_sparsity, help="removed percent (90, 99.5) or fraction below 1 (0.9)"
+    )
     add_store_flag(p)
     p.set_defaults(func=cmd_add)
 
@@ -44,16 +61,68 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p.set_defaults(func=cmd_show)
 
 
+def _sparsity(text: str) -> str | float:
+    """``--sparsity``: percent text (``90``), or a fraction below 1 (``0.9``) as a float."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    return value if 0 < value < 1 else text.strip()
+
+
+def _report_key_parts(report: Any, path: Path) -> dict[str, Any]:
+    """What the report tells about its model's key: the card's parts recorded by ``advprune
+    eval``, else (older reports) the card of the evaluated checkpoint if it is unchanged, else
+    the architecture, dataset and method the report names."""
+    from advprune.bench.keys import DENSE, KEY_PARTS, card_key_parts, parse_key
+    from advprune.checkpoint import read_card, tensor_path
+
+    model = report.model or {}
+    if model.get("key"):  # e.g. written by `bench run`: its parts
+        key = parse_key(str(model["key"]))
+        return {name: getattr(key, name) for name in KEY_PARTS}
+    if model.get("key_parts"):
+        return dict(model["key_parts"])
+    parts: dict[str, Any] = dict.fromkeys(KEY_PARTS)
+    parts.update(arch=model.get("name"), dataset=report.dataset, method=model.get("method"))
+    if model.get("method") is None and model.get("measured_sparsity") == 0:
+        parts.update(method=DENSE)
+    checkpoint = model.get("checkpoint")
+    if checkpoint and tensor_path(checkpoint).is_file():
+        card = read_card(checkpoint)
+        if (card.get("tensors") or {}).get("sha256") != model.get("checkpoint_sha256"):
+            raise ConfigError(
+                f"the checkpoint {checkpoint} changed since {path} was evaluated (sha256 "
+                "differs): its card may not describe the evaluated model; give --key KEY"
+            )
+        parts.update({k: v for k, v in card_key_parts(card).items() if v is not None})
+    return parts
+
+
 def cmd_add(args: argparse.Namespace) -> int:
+    from advprune.bench.keys import KEY_PARTS, derive_key
     from advprune.bench.store import ResultsStore
+    from advprune.evaluation import load_report
 
     path = Path(args.report)
-    if not (path / "report.json" if path.is_dir() else path).is_file():
+    file = path / "report.json" if path.is_dir() else path
+    if not file.is_file():
         raise ConfigError(f"no report at {path}")
-    rows = ResultsStore(store_path(args)).add_report(path, args.key)
+    given = {name: getattr(args, name) for name in KEY_PARTS if getattr(args, name) is not None}
+    key = args.key
+    if key is not None and given:
+        raise ConfigError(f"give --key or the key parts ({', '.join(given)}), not both")
+    if key is None:
+        key, source = derive_key(_report_key_parts(load_report(file), file), given)
+        from_card = [name for name in KEY_PARTS if source[name] == "card"]
+        said = [f"from the checkpoint card: {', '.join(from_card)}"] if from_card else []
+        said += [f"given: {', '.join(given)}"] if given else []
+        print(f"key {key} ({'; '.join(said)})")
+    rows = ResultsStore(store_path(args)).add_report(file, key)
     worst = rows[-1]
+    what = " (the dense baseline)" if worst.model_key.is_dense else ""
     print(
-        f"stored {worst.key} [{worst.protocol}]: {len(rows)} rows in {store_path(args)} "
+        f"stored {worst.key}{what} [{worst.protocol}]: {len(rows)} rows in {store_path(args)} "
         f"(clean {_pct(worst.clean_accuracy)}, worst case {_pct(worst.robust_accuracy)})"
     )
     return 0
