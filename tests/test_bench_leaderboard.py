@@ -91,6 +91,35 @@ def test_markdown_measured_tables_bold_ties_and_flags(store):
     assert cifar["HYDRA"].endswith("| **98.00/97.00** |")
 
 
+def test_markdown_dense_baseline_is_shown_never_ranked(store):
+    store.add_report(report(0.99, 0.90), "Dense_DCNN_DIGITS_US_0")  # above every method
+    store.add_report(report(0.95, 0.50, [Flag("x", "y")]), "Dense_R18_SVHN_US_0")  # alone
+    board = collect(store)
+    assert [r.key for r in board.baselines] == ["Dense_DCNN_DIGITS_US_0", "Dense_R18_SVHN_US_0"]
+    text = markdown(board)
+    measured = text.split("# Reported by the benchmark, not measured here")[0]
+    assert "*Dense (baseline, not ranked)* (italics): the unpruned model" in measured
+    rows = _table_lines(measured, "Digits US pruning (measured here)")
+    assert list(rows)[:2] == ["Name", "*Dense (baseline, not ranked)*"]  # first, apart
+    assert sorted(list(rows)[2:]) == ["HARP", "HYDRA", "LWM"]
+    assert rows["*Dense (baseline, not ranked)*"].endswith("| *99.00/90.00* | *99.00/90.00* |")
+    assert rows["LWM"].endswith("| **98.00/64.00** ⚠2 | 65.00/37.00 |")  # still the best
+    assert rows["HARP"].endswith("| **95.00/64.00** | **92.00/58.00** |")
+    assert "**99.00" not in text
+    # a dataset with a baseline only: its own small table, its flag noted
+    headings = re.findall(r"^## (.+)$", measured, re.M)
+    assert headings == [  # in the benchmark's order of datasets
+        "CIFAR-10 US pruning (measured here)",
+        "SVHN dense baseline (measured here)",
+        "Digits US pruning (measured here)",
+    ]
+    svhn = _table_lines(measured, "SVHN dense baseline (measured here)")
+    assert svhn == {"Name": "| Name | ResNet18 |",
+                    "*Dense (baseline, not ranked)*": "| *Dense (baseline, not ranked)* | "
+                    "*95.00/50.00* ⚠1 |"}  # fmt: skip
+    assert "1. `Dense_R18_SVHN_US_0`: x: y" in measured
+
+
 def test_markdown_reported_tables_in_the_benchmarks_layout(store):
     reported = markdown(collect(store)).split("# Reported by the benchmark, not measured here")[1]
     assert f"Source: {REFERENCE_SOURCE}" in reported
@@ -140,7 +169,7 @@ def test_cli(store, tmp_path, monkeypatch, capsys):
     out = tmp_path / "board"
     assert main(["leaderboard", "--store", str(store.path), "--out", str(out)]) == 0
     assert (out / "leaderboard.md").read_text() == markdown(collect(store))
-    assert "<table" in (out / "leaderboard.html").read_text()
+    assert '<div id="tables">' in (out / "leaderboard.html").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["leaderboard.html", "leaderboard.md"]
     # $ADVPRUNE_STORE, then ./results.sqlite
     store.add_report(report(0.9, 0.4, eps="1/8"), f"{LWM}_DCNN_DIGITS_US_95")
@@ -174,7 +203,7 @@ def test_cli_without_a_store_writes_the_reported_leaderboard(tmp_path, monkeypat
     assert "(measured here)" not in md and md.count("(reported)") == 4
     assert md == markdown(collect(None))
     page = Path("board/leaderboard.html").read_text()
-    assert '"nothing_measured": "nothing measured yet' in page and "<table" in page
+    assert '"nothing_measured": "nothing measured yet' in page and '<div id="tables">' in page
     assert sorted(p.name for p in tmp_path.iterdir()) == ["board"]  # no store was created
     assert main(["leaderboard", "--out", "board", "--protocol", "linf-8/255"]) == 2
     assert "there is no results store" in capsys.readouterr().err
@@ -211,6 +240,7 @@ def test_html_is_self_contained_and_escaped(store, tmp_path):
 # ---------------------------------------------------------------------------- the browser
 
 REAL = [f"{HYDRA}_DCNN_DIGITS_US_90", f"{LWM}_DCNN_DIGITS_US_90", f"{HARP}_DCNN_DIGITS_US_90"]
+DENSE = "Dense_DCNN_DIGITS_US_0"
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +261,9 @@ def real_store(tmp_path_factory, one_thread):
     flagged = report(0.5, 0.2, [Flag("x", "</script><b>")], eps="1/16")
     flagged.eps_value, flagged.curve = 1 / 16, None
     store.add_report(flagged, f"{LWM}_DCNN_DIGITS_US_99")
+    dense = report(0.99, 0.95, eps="1/16")  # above every method: still never ranked among them
+    dense.eps_value = 1 / 16
+    store.add_report(dense, DENSE)
     return store
 
 
@@ -258,58 +291,83 @@ def _launch(p):
     return p.chromium.launch(executable_path=CHROMIUM, args=flags)
 
 
-def _column(page, col: str) -> list[str]:
+def _column(page, table: str, col: str) -> list[str]:
+    """The texts of column ``col`` in the ranked rows of the table matched by ``table``."""
     index = page.eval_on_selector_all(
-        "#board th", f"hs => hs.findIndex(h => h.dataset.col === {col!r})"
+        f"{table} th", f"hs => hs.findIndex(h => h.dataset.col === {col!r})"
     )
     return page.eval_on_selector_all(
-        "#board tbody tr", f"rs => rs.map(r => r.children[{index}].textContent)"
+        f"{table} tbody.ranked tr", f"rs => rs.map(r => r.children[{index}].textContent)"
     )
+
+
+def _keys(page, selector: str) -> list[str]:
+    return page.eval_on_selector_all(selector, "rs => rs.map(r => r.dataset.key)")
+
+
+def _robust(page, table: str) -> list[float]:
+    return [float(v.rstrip(" ⚠")) for v in _column(page, table, "robust")]
 
 
 def test_page_in_headless_chromium(real_store, tmp_path):
     board = collect(real_store)
-    robust = {r.key: r.robust for r in board.measured}
+    robust = {r.key: r.robust for r in board.measured if not r.baseline}
     assert len(set(robust.values())) == 4 and all(robust[k] > 0 for k in REAL)
+    reported = {d: [r.key for r in board.reported if r.dataset == d] for d in ("CIFAR10", "SVHN")}
     page_path = leaderboard(real_store.path, tmp_path / "board")["html"]
     with _sync_playwright() as p:
         browser = _launch(p)
-        page = browser.new_page(viewport={"width": 1600, "height": 900})
+        page = browser.new_page(viewport={"width": 1600, "height": 1200})
         urls: list[str] = []
         page.on("request", lambda r: urls.append(r.url))
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(page_path.as_uri())
-        keys = page.eval_on_selector_all("tr[data-key]", "rs => rs.map(r => r.dataset.key)")
-        assert len(keys) == 4 + N_REPORTED and set(keys) == {r.key for r in board.rows}
-        assert keys[:4] == sorted(robust, key=lambda k: -robust[k])  # measured first, ranked
-        assert page.locator("tr.reported").count() == N_REPORTED
-        assert page.locator("tr.reported .tag.reported").count() == N_REPORTED
+        # one table per source and dataset: measured digits, reported CIFAR-10, reported SVHN
+        tables = page.eval_on_selector_all(
+            "table.board", "ts => ts.map(t => t.dataset.source + ' ' + t.dataset.dataset)"
+        )
+        assert tables == ["measured Digits", "reported CIFAR-10", "reported SVHN"]
+        measured = "table.board[data-source=measured]"
+        cifar = "table.board[data-source=reported][data-dataset=CIFAR-10]"
+        svhn = "table.board[data-source=reported][data-dataset=SVHN]"
+        assert sorted(_keys(page, "tr[data-key]")) == sorted(r.key for r in board.rows)
+        assert sorted(_keys(page, f"{cifar} tr[data-key]")) == sorted(reported["CIFAR10"])
+        assert sorted(_keys(page, f"{svhn} tr[data-key]")) == sorted(reported["SVHN"])
+        assert page.locator(f"{measured} tr.reported").count() == 0
+        assert page.locator("tr.reported .tag.base").count() == 0
+        # the dense baseline: above the ranked rows, marked, never among them
+        assert _keys(page, f"{measured} tbody.baseline tr") == [DENSE]
+        assert page.locator(f"{measured} tbody.baseline .tag.base").count() == 1
+        ranked = _keys(page, f"{measured} tbody.ranked tr")
+        assert ranked == sorted(robust, key=lambda k: -robust[k])  # ranked by robust accuracy
         flagged = page.locator("tr.unreliable")
         assert flagged.count() == 1 and "</script><b>" in flagged.get_attribute("title")
-        assert "⚠" in flagged.locator("td").nth(7).text_content()
-        # numeric sort on robust accuracy: descending, then ascending (reported rows mixed in)
-        page.click("th[data-col=robust]")
-        values = [float(v.rstrip(" ⚠")) for v in _column(page, "robust")]
-        assert values == sorted(values, reverse=True) and len(values) == 4 + N_REPORTED
-        page.click("th[data-col=robust]")
-        values = [float(v.rstrip(" ⚠")) for v in _column(page, "robust")]
-        assert values == sorted(values)
-        page.click("th[data-col=sparsity]")  # numbers, not text: "99" after "5" would fail
-        sparsity = [float(v) for v in _column(page, "sparsity")]
-        assert sparsity == sorted(sparsity, reverse=True)
-        page.click("th[data-col=key]")
-        assert _column(page, "key") == sorted(keys)
-        # hiding the reported rows leaves the measured ones, still sorted by key
-        page.uncheck("#show-reported")
-        assert _column(page, "key") == sorted(robust)
-        assert page.locator("tr.reported").count() == 0
-        page.check("#show-reported")
-        assert _column(page, "key") == sorted(keys)
-        # curves: the models with a curve are listed; tick two, then untick one
+        assert "⚠" in flagged.locator("td").nth(5).text_content()
+        # numeric sort on robust accuracy within the measured table: descending, ascending;
+        # the baseline stays where it is, outside the ranking
+        page.click(f"{measured} th[data-col=robust]")
+        shown = [round(v, 2) for v in robust.values()]  # as the page shows them
+        assert _robust(page, measured) == sorted(shown, reverse=True)
+        page.click(f"{measured} th[data-col=robust]")
+        assert _robust(page, measured) == sorted(shown)
+        assert _keys(page, f"{measured} tbody.baseline tr") == [DENSE]
+        assert _keys(page, f"{measured} tbody tr")[0] == DENSE
+        # each reported table sorts its own rows only (CIFAR-10 never among SVHN or digits)
+        before = _keys(page, f"{measured} tbody.ranked tr")
+        page.click(f"{cifar} th[data-col=robust]")
+        values = _robust(page, cifar)
+        assert values == sorted(values, reverse=True) and len(values) == len(reported["CIFAR10"])
+        assert _keys(page, f"{measured} tbody.ranked tr") == before
+        page.click(f"{svhn} th[data-col=sparsity]")  # numbers, not text: "99" after "5" fails
+        sparsity = [float(v) for v in _column(page, svhn, "sparsity")]
+        assert sparsity == sorted(sparsity, reverse=True) and len(set(sparsity)) > 2
+        page.click(f"{measured} th[data-col=key]")
+        assert _column(page, measured, "key") == sorted(robust)
+        # curves: the models with a curve are listed (the baseline too); tick two, untick one
         assert sorted(
             page.eval_on_selector_all("input[data-key]", "e => e.map(i => i.dataset.key)")
-        ) == sorted(REAL)
+        ) == sorted([*REAL, DENSE])
         assert page.locator("path.curve").count() == 0
         a, b = REAL[0], REAL[2]
         page.check(f"input[data-key={a}]")
@@ -322,8 +380,8 @@ def test_page_in_headless_chromium(real_store, tmp_path):
         assert page.locator("#legend div").count() == 2
         ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / "leaderboard.png"
-        page.click("th[data-col=robust]")  # best first for the screenshot
-        page.eval_on_selector(".wrap", "w => { w.scrollTop = 0; w.scrollLeft = 0; }")
+        page.click(f"{measured} th[data-col=robust]")  # best first for the screenshot
+        page.eval_on_selector_all(".wrap", "ws => ws.forEach(w => { w.scrollTop = 0; })")
         page.evaluate("window.scrollTo(0, 0)")
         page.mouse.move(0, 0)
         page.screenshot(path=str(shot), full_page=True)

@@ -5,10 +5,13 @@ and exact eps); a model's robust accuracy is its per-sample worst case over ever
 evaluation (the store's ``worst-case`` row), and models are ranked by it. The benchmark's own
 figures (:mod:`advprune.bench.reference`) are shown in a separate section, always marked as
 reported, not measured here, and never compete with measured ones for the bold "best" mark.
+A dense model stored as the baseline of its (architecture, dataset) (``Dense_..._US_0``) is
+shown in every table of its dataset, marked, and never ranked or bold among the methods.
 
 The HTML page is one self-contained file (inline CSS, JavaScript and data; no request leaves
-the page, so it works from ``file://``): a sortable table, and the security curves of the
-models ticked in a list.
+the page, so it works from ``file://``): one sortable table per dataset and source (measured
+here under one protocol, or reported by the benchmark), so rows of different datasets or
+protocols are never sorted together, and the security curves of the models ticked in a list.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ ARCH_NAMES = {
     "DCNN": "DigitsCNN",
 }
 DATASET_NAMES = {"CIFAR10": "CIFAR-10", "CIFAR100": "CIFAR-100", "SVHN": "SVHN", "DIGITS": "Digits"}
+DENSE_LABEL = "Dense (baseline, not ranked)"
 STRUCTURE_ORDER = ("US", "S")  # the benchmark shows unstructured tables before structured ones
 WORST_CASE = "worst-case"  # the store's row of the per-sample worst case over the attacks
 MEASURED_SOURCE = "measured here"
@@ -87,6 +91,7 @@ class Row:
     eps: str | None = None
     url: str | None = None
     source: str = MEASURED_SOURCE
+    baseline: bool = False  # the dense model of its (architecture, dataset): shown, never ranked
 
     @property
     def name(self) -> str:
@@ -110,8 +115,13 @@ class Board:
 
     @property
     def measured(self) -> list[Row]:
-        """Rows measured here."""
+        """Rows measured here (methods and dense baselines)."""
         return [r for r in self.rows if not r.reported]
+
+    @property
+    def baselines(self) -> list[Row]:
+        """The dense baselines measured here."""
+        return [r for r in self.rows if r.baseline]
 
     @property
     def reported(self) -> list[Row]:
@@ -194,6 +204,7 @@ def collect(store: Any, protocol: str | None = None, *, reference: bool = True) 
                 n=worst.n,
                 eps=worst.eps,
                 url=_method_url(k.method),
+                baseline=k.is_dense,
             )
         )
         board.attacks += [r.attack for r in others if r.attack not in board.attacks]
@@ -249,18 +260,35 @@ def _md_text(text: str) -> str:
     return html.escape(_one_line(text)).replace("|", "\\|").replace("[", "\\[")
 
 
-def _markdown_table(rows: list[Row], notes: list[str]) -> list[str]:
-    """One table: rows = methods, columns = arch x sparsity, cells clean/robust (percent)."""
-    cols = _columns(rows)
-    best: dict[tuple[str, str], float] = {}
+def _markdown_table(
+    rows: list[Row], notes: list[str], baselines: list[Row] | tuple[Row, ...] = ()
+) -> list[str]:
+    """One table: rows = methods, columns = arch x sparsity, cells clean/robust (percent).
+
+    ``baselines`` (dense models of the table's dataset) come first, in italics, in every
+    column of their architecture; they are never bold and never compete for it.
+    """
+    cols: list[tuple[str, str | None]] = list(_columns(rows))
+    base = {b.arch: b for b in baselines}
+    if not cols:  # a dataset with dense baselines only
+        cols = [(a, None) for a in sorted(base, key=lambda a: _rank(ARCH_NAMES, a))]
+    best: dict[tuple[str, str | None], float] = {}
     for r in rows:
         if r.robust is not None:
             c = (r.arch, r.sparsity)
             best[c] = max(best.get(c, -1.0), r.robust)
-    head = ["Name", *(f"{arch_name(a)} {s}%" for a, s in cols)]
+    head = ["Name", *(arch_name(a) + ("" if s is None else f" {s}%") for a, s in cols)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if base:
+        cells = [f"*{DENSE_LABEL}*"]
+        for arch, _ in cols:
+            r = base.get(arch)
+            cells.append("-" if r is None else f"*{_cell_text(r)}*" + _flag_mark(r, notes))
+        lines.append("| " + " | ".join(cells) + " |")
     for method in dict.fromkeys(r.method for r in rows):
-        mine = {(r.arch, r.sparsity): r for r in rows if r.method == method}
+        mine: dict[tuple[str, str | None], Row] = {
+            (r.arch, r.sparsity): r for r in rows if r.method == method
+        }
         first = next(iter(mine.values()))
         name = _md_text(first.name)
         cells = [f"[{name}]({first.url})" if first.url else name]
@@ -269,16 +297,37 @@ def _markdown_table(rows: list[Row], notes: list[str]) -> list[str]:
             if r is None:
                 cells.append("-")
                 continue
-            robust = "n/a" if r.robust is None else f"{r.robust:.2f}"
-            text = f"{r.clean:.2f}/{robust}"
+            text = _cell_text(r)
             if r.robust is not None and r.robust == best[c]:
                 text = f"**{text}**"
-            if not r.reliable:
-                notes.append(f"`{r.key}`: " + ("; ".join(map(_md_text, r.flags)) or "flagged"))
-                text += f" ⚠{len(notes)}"
-            cells.append(text)
+            cells.append(text + _flag_mark(r, notes))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _cell_text(r: Row) -> str:
+    return f"{r.clean:.2f}/{'n/a' if r.robust is None else f'{r.robust:.2f}'}"
+
+
+def _flag_mark(r: Row, notes: list[str]) -> str:
+    """`` ⚠N`` for an unreliable row (its flags become note N), else nothing."""
+    if r.reliable:
+        return ""
+    notes.append(f"`{r.key}`: " + ("; ".join(map(_md_text, r.flags)) or "flagged"))
+    return f" ⚠{len(notes)}"
+
+
+def _measured_tables(board: Board) -> list[tuple[tuple[str, str | None], list[Row]]]:
+    """The measured method tables by (dataset, structure), plus one (structure None) for a
+    dataset that has dense baselines only."""
+    tables: list[tuple[tuple[str, str | None], list[Row]]] = list(
+        _tables([r for r in board.measured if not r.baseline])
+    )
+    datasets = {d for (d, _), _ in tables}
+    for d in dict.fromkeys(r.dataset for r in board.baselines):
+        if d not in datasets:
+            tables.append(((d, None), []))
+    return sorted(tables, key=lambda t: (_rank(DATASET_NAMES, t[0][0]), t[0][1] is None))
 
 
 def markdown(board: Board) -> str:
@@ -293,7 +342,13 @@ def markdown(board: Board) -> str:
             f"test points, attacks {', '.join(board.attacks)}. Cells: clean/robust accuracy in "
             "percent; robust is the per-sample worst case over the attacks. Bold: best robust "
             "accuracy of the column. ⚠: the evaluation raised flags (listed below the tables); "
-            "its robust accuracy may be overestimated.",
+            "its robust accuracy may be overestimated."
+            + (
+                f" *{DENSE_LABEL}* (italics): the unpruned model of each architecture, for "
+                "reference in every table of its dataset; never ranked or bold."
+                if board.baselines
+                else ""
+            ),
             "",
         ]
     else:
@@ -305,9 +360,11 @@ def markdown(board: Board) -> str:
             "",
         ]
     notes: list[str] = []
-    for (dataset, structure), rows in _tables(measured):
-        lines += [f"## {dataset_name(dataset)} {structure} pruning (measured here)", ""]
-        lines += [*_markdown_table(rows, notes), ""]
+    for (dataset, structure), rows in _measured_tables(board):
+        what = "dense baseline" if structure is None else f"{structure} pruning"
+        lines += [f"## {dataset_name(dataset)} {what} (measured here)", ""]
+        baselines = [b for b in board.baselines if b.dataset == dataset]
+        lines += [*_markdown_table(rows, notes, baselines), ""]
     if notes:
         lines += ["Unreliable evaluations (⚠):", ""]
         lines += [f"{i}. {text}" for i, text in enumerate(notes, 1)] + [""]
@@ -354,6 +411,7 @@ def _page_data(board: Board) -> dict[str, Any]:
             "clean": r.clean,
             "robust": r.robust,
             "reported": r.reported,
+            "baseline": r.baseline,
             "source": r.source,
             "reliable": r.reliable,
             "flags": r.flags,
