@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from _digits_models import digits_test, natural_digits_model
+from _tolerance import unexplained_disagreements
 from advprune.attacks.fmn import lp_distance
 from advprune.data import load_dataset
 from advprune.errors import UnknownNameError
@@ -31,18 +32,24 @@ def test_robust_accuracy_equals_accuracy_on_its_adversarial_examples(model):
         adv_correct = model(result.x_adv).argmax(1) == y
         clean_correct = model(x).argmax(1) == y
     robust = clean_correct & ~result.success
-    assert torch.equal(robust, adv_correct)  # recomputed on the returned examples
+    # Verdicts on the returned examples come from forward passes over batches of other sizes
+    # (here all 96 points; inside, the points still correct), which another processor may
+    # round differently: they may differ only for a point on the decision boundary.
+    assert unexplained_disagreements(robust, adv_correct, model, result.x_adv, y) == []
     assert 0.3 < float(robust.float().mean()) < 0.9  # neither trivial nor empty
-    assert torch.equal(result.success, result.own_success)  # no disagreement here
+    assert unexplained_disagreements(result.success, result.own_success, model, result.x_adv,
+                                     y) == []  # AutoAttack's own verdict  # fmt: skip
     assert float(lp_distance(result.x_adv - x, "linf").max()) <= EPS + 1e-6
     assert float(result.x_adv.min()) >= 0 and float(result.x_adv.max()) <= 1
-    # the same attack run directly through pyautoattack, same seed and settings
+    # the same attack run directly through pyautoattack, same seed and settings: the same code
+    # on the same points in this process, so the same examples and labels
     aa = AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=3)
     aa.attacks_to_run = ["apgd-ce"]
     x_raw, y_raw = aa.run_standard_evaluation(x, y, batch_size=96)
-    assert torch.equal(y_raw == y, robust)
+    assert unexplained_disagreements(y_raw == y, robust, model, x_raw, y) == []
     with torch.no_grad():
-        assert torch.equal(model(x_raw).argmax(1) == y, robust)
+        adv_raw = model(x_raw).argmax(1) == y
+    assert unexplained_disagreements(adv_raw, robust, model, x_raw, y) == []
 
 
 def test_evaluate_entry_equals_the_recount(model):
@@ -54,7 +61,9 @@ def test_evaluate_entry_equals_the_recount(model):
     direct = run_autoattack(model, x, y, eps=EPS, attacks=["apgd-ce"], seed=seed)
     with torch.no_grad():
         recount = float((model(direct.x_adv).argmax(1) == y).float().mean())
-    assert report.entry("apgd-ce").robust_accuracy == pytest.approx(recount)
+    # exact by construction: evaluate() runs this very call (same batch, same seed, same
+    # process); the recount here is one more forward pass, equal up to a boundary point
+    assert report.entry("apgd-ce").robust_accuracy == pytest.approx(recount, abs=1 / 64)
     assert np.array_equal(report.samples["success_apgd-ce"], direct.success.numpy())
 
 
@@ -66,7 +75,7 @@ def test_attacks_run_in_order_on_the_remaining_points(model):
     assert torch.equal(first >= 0, result.success)
     assert int((first == 0).sum()) > 5  # APGD-CE broke these; APGD-T only ran on the rest
     apgd_alone = run_autoattack(model, x, y, eps=EPS, attacks=["apgd-ce"], seed=0)
-    assert torch.equal(first == 0, apgd_alone.success)
+    assert torch.equal(first == 0, apgd_alone.success)  # same call, seed and process: exact
 
 
 def test_versions_and_names():

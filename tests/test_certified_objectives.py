@@ -48,7 +48,9 @@ def test_ibp_trained_digits_model_is_verified_at_its_training_eps(digits):
     objective = create_objective("ibp", eps=eps, ramp_length=0.5)
     Trainer(model, objective, train, TrainConfig(epochs=6, lr=0.05), progress=False).fit()
     result = verified_accuracy(model, test, eps, "ibp", input_shape=(1, 8, 8))
-    assert result.verified_accuracy > 0.2 and result.clean_accuracy > 0.7
+    # verified 0.25-0.30 and clean 0.75-0.79 here over seeds 0-2: thresholds with room for
+    # another processor's training trajectory, far above the natural model's 0
+    assert result.verified_accuracy > 0.15 and result.clean_accuracy > 0.65
     # an undefended model of the same architecture verifies nothing at this eps
     natural = create("digits_cnn", in_channels=1, width=8)
     Trainer(natural, create_objective("natural"), train, TrainConfig(epochs=3, lr=0.05),

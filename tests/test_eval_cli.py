@@ -65,7 +65,9 @@ def test_eval_writes_report_samples_and_curve(evaluated, checkpoint):
     r = json.loads((out / "report.json").read_text())
     assert r["n"] == 40 and r["eps"] == "1/4" and r["eps_value"] == 0.25
     assert r["norm"] == "linf" and r["dataset"] == "digits" and r["reliable"] is True
-    assert r["flags"] == [] and 0.9 < r["clean_accuracy"] <= 1.0
+    # a naturally trained model (0.95 on these 40 points here; another processor trains a
+    # slightly different one): far above chance, so the checkpoint was read right
+    assert r["flags"] == [] and 0.8 < r["clean_accuracy"] <= 1.0
     aa, hofmn = r["entries"]
     assert aa["name"] == "autoattack" and aa["config"]["attacks"] == [
         "apgd-ce", "apgd-t", "fab-t", "square"

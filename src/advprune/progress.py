@@ -126,7 +126,7 @@ class Progress:
     """One loop's progress: iterate over it, or call :meth:`update`; close it (or use ``with``).
 
     In ``lines`` mode it writes a line every ``interval`` seconds while the loop runs and, with
-    ``leave=True`` (or after such a line), one when it closes. ``leave`` also keeps the bar.
+    ``leave=True``, one when it closes (a bar is then kept on the terminal too).
     """
 
     def __init__(
@@ -202,7 +202,7 @@ class Progress:
         self._closed = True
         if self._bar is not None:
             self._bar.close()
-        elif self.mode == "lines" and (self.leave or self._lines):
+        elif self.mode == "lines" and self.leave:
             self._write(self._line(done=True))
 
     def _line(self, *, done: bool) -> str:
