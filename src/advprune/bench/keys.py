@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from advprune.errors import ConfigError
+from advprune.errors import AdvpruneError, ConfigError
 
 __all__ = [
     "ARCH_CODES",
@@ -281,8 +281,6 @@ def card_key_parts(card: Mapping[str, Any], measured: float | None = None) -> di
 
 def _ap_key(method: str) -> str:
     """The AP key of an advprune method name (``hydra``); any other text unchanged."""
-    from advprune.errors import AdvpruneError
-
     if "_" in method or method.lower() == DENSE.lower():
         return method
     try:
@@ -307,11 +305,11 @@ def derive_key(
         given["method"] = _ap_key(str(given["method"]).strip())
     merged = {name: given.get(name, parts.get(name)) for name in KEY_PARTS}
     source = {name: "given" if name in given else "card" for name in KEY_PARTS}
-    if merged["method"] is not None and str(merged["method"]).lower() == DENSE.lower():
-        merged["structure"] = merged["structure"] if "structure" in given else "US"
-        merged["sparsity"] = merged["sparsity"] if "sparsity" in given else 0
-    dense = merged["method"] is not None and str(merged["method"]).lower() == DENSE.lower()
-    if not dense and _is_zero(merged["sparsity"] if merged["sparsity"] is not None else 1):
+    dense = str(merged["method"]).lower() == DENSE.lower()
+    if dense:  # the baseline's structure and sparsity are fixed (a given other is refused)
+        merged["structure"] = given.get("structure", "US")
+        merged["sparsity"] = given.get("sparsity", 0)
+    elif merged["sparsity"] is not None and _is_zero(merged["sparsity"]):
         raise ConfigError(
             f"the model is not pruned (sparsity 0), so it is the dense baseline; leave out "
             f"--method {merged['method']} (its key: Dense_..._US_0), or give --sparsity"
