@@ -22,11 +22,14 @@ import torch
 from advprune.checkpoint import load_checkpoint, write_json_atomic
 from advprune.config import RunConfig
 from advprune.evaluation import evaluate
+from advprune.progress import ProgressSetting, add_progress_flag
 from advprune.quickstart import PRETRAIN_EPOCHS, QUICKSTART
 from advprune.workflow import MODEL_FILE, build_model, prepare_data, train_stage
 
 
-def train_or_load(out: Path, checkpoint: str | None, progress: bool) -> tuple[torch.nn.Module, str]:
+def train_or_load(
+    out: Path, checkpoint: str | None, progress: ProgressSetting
+) -> tuple[torch.nn.Module, str]:
     if checkpoint:
         return load_checkpoint(checkpoint)[0], checkpoint
     folder = out / "model"
@@ -47,7 +50,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/eval_digits")
     parser.add_argument("--checkpoint", default=None, help="evaluate this checkpoint instead")
     parser.add_argument("--attacks", default="autoattack,hofmn,pgd")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    add_progress_flag(parser)
     args = parser.parse_args()
     out = Path(args.out)
     t0 = time.perf_counter()

@@ -100,8 +100,8 @@ def add_progress_flag(parser: argparse._ActionsContainer) -> None:
         "--progress",
         type=_mode_arg,
         metavar="MODE",
-        help=f"auto (default: bars on a terminal, plain lines otherwise), bar, lines, off; "
-        f"default ${ENV}",
+        help=f"auto (bars on a terminal, plain lines otherwise), bar, lines or off "
+        f"(default: ${ENV}, else auto)",
     )
     parser.add_argument(
         "--no-progress", dest="progress", action="store_const", const="off", help="--progress off"
