@@ -388,6 +388,15 @@ def test_page_in_headless_chromium(real_store, tmp_path):
         page.uncheck(f"input[data-key={a}]")
         drawn = page.eval_on_selector_all("path.curve", "ps => ps.map(p => p.dataset.key)")
         assert drawn == [b]
+        # nothing measured yet (no store): the reported tables, and a line saying so
+        empty = leaderboard(None, tmp_path / "empty")["html"]
+        page.goto(empty.as_uri())
+        tables = page.eval_on_selector_all(
+            "table.board", "ts => ts.map(t => t.dataset.source + ' ' + t.dataset.dataset)"
+        )
+        assert tables == ["reported CIFAR-10", "reported SVHN"]
+        assert "nothing measured yet" in page.text_content("#protocol")
+        assert page.locator("input[data-key]").count() == 0
         browser.close()
     assert errors == []
     assert urls and all(u.startswith("file://") for u in urls)
