@@ -198,7 +198,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``advprune``."""
-    from advprune import __version__
+    from advprune._version import __version__
 
     parser = _Parser(
         prog="advprune",
@@ -388,7 +388,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     }
     out = cfg.out if "out" in cfg.model_fields_set else None
     if certifiers is not None:  # unsupported layers, sigma, eps: refused before any attack
-        from advprune.certify.evaluate import check_certifiers
+        from advprune.evaluation.certifiers import check_certifiers
 
         opts = _certify_settings(cfg, card, certifiers)
         check_certifiers(model, shape, opts["methods"], eps=opts["eps"], norm=opts["norm"],
@@ -429,8 +429,8 @@ def _show_report(args: argparse.Namespace, report: Any, out: str | None, files: 
 
 def _certifiers(text: str, opts: dict[str, Any]) -> dict[str, Any]:
     """Parse ``--certify`` and the smoothing settings (checked before any data is read)."""
-    from advprune.certify.evaluate import parse_certifiers, parse_radii
     from advprune.certify.smoothing import check_alpha, check_sample_counts
+    from advprune.evaluation.certifiers import parse_certifiers, parse_radii
 
     names = parse_certifiers(text)
     settings: dict[str, Any] = {"methods": names, "radii": parse_radii(opts.get("radii"))}
@@ -443,7 +443,7 @@ def _certifiers(text: str, opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _certify_settings(cfg: Any, card: dict[str, Any] | None, certifiers: dict[str, Any]):
-    """Keyword arguments of :func:`advprune.certify.evaluate.certified_entries` but the model
+    """Keyword arguments of :func:`advprune.evaluation.certifiers.certified_entries` but the model
     and data; sigma defaults to the one the checkpoint was trained with (else 0.25)."""
     from advprune import workflow as wf
 
@@ -469,7 +469,7 @@ def _certify_settings(cfg: Any, card: dict[str, Any] | None, certifiers: dict[st
 
 
 def _certify_only(args, cfg, data, model, card, model_info, certifiers, out) -> int:
-    from advprune.certify.evaluate import certify_report
+    from advprune.evaluation.certifiers import certify_report
 
     info = data.splits.info
     report = certify_report(
@@ -486,7 +486,7 @@ def _certify_only(args, cfg, data, model, card, model_info, certifiers, out) -> 
 
 def _add_certified(report, cfg, data, model, card, certifiers, out) -> None:
     """Append the certified entries to a report of attacks (and rewrite it in ``out``)."""
-    from advprune.certify.evaluate import certified_entries, save_certified
+    from advprune.evaluation.certifiers import certified_entries, save_certified
 
     entries, arrays = certified_entries(
         model,

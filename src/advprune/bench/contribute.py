@@ -138,14 +138,14 @@ def benchmark(
             with ``strict=True`` (else record it and go on).
         checkpoint: the checkpoint file evaluated, whose sha256 the submission records.
     """
-    from advprune import __version__
+    from advprune._version import __version__
     from advprune.bench.keys import parse_key
     from advprune.bench.store import ResultsStore
     from advprune.bench.taxonomy import taxonomy_entry
-    from advprune.checkpoint import sha256_file, write_json_atomic
     from advprune.config import DEFAULT_EPS, FALLBACK_EPS
     from advprune.errors import UnknownNameError
     from advprune.evaluation import evaluate
+    from advprune.io import sha256_file, write_json_atomic
 
     key = parse_key(model_key)
     info = getattr(data, "info", None)

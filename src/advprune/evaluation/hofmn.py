@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from advprune.attacks.fmn import FMN, FMN_LOSSES, FMN_OPTIMIZERS
 from advprune.attacks.pgd import model_mode_scope
-from advprune.checkpoint import write_json_atomic
 from advprune.errors import ConfigError
+from advprune.io import write_json_atomic
 
 __all__ = ["SEARCH_SPACE", "TuningResult", "fmn_config_from_params", "suggest_params", "tune_fmn"]
 
@@ -237,6 +237,6 @@ def tune_fmn(
 
 
 def _study_json(settings: dict[str, Any], trials: list[dict[str, Any]]) -> dict[str, Any]:
-    from advprune.evaluation.report import _jsonable
+    from advprune.io import jsonable as _jsonable
 
     return _jsonable({"format": STUDY_FORMAT, "settings": settings, "trials": trials})

@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 from advprune._validation import check_eps, check_norm, check_unit_range
 from advprune.attacks.fmn import FMN, lp_distance
 from advprune.attacks.pgd import PGD, check_steps, model_mode_scope
-from advprune.checkpoint import atomic_path, write_json_atomic
 from advprune.errors import ConfigError, DataError, UnknownNameError
 from advprune.evaluation.autoattack import (
     AA_ATTACKS,
@@ -51,6 +50,7 @@ from advprune.evaluation.checks import (
 from advprune.evaluation.curve import default_eps_grid, plot_security_curve, security_curve
 from advprune.evaluation.hofmn import SEARCH_SPACE, tune_fmn
 from advprune.evaluation.report import Entry, Flag, Report
+from advprune.io import atomic_path, write_json_atomic
 
 __all__ = ["ATTACK_NAMES", "DEFAULT_ATTACKS", "evaluate", "parse_attacks"]
 
@@ -180,7 +180,7 @@ def _versions() -> dict[str, str]:
     import optuna
     import pyautoattack
 
-    from advprune import __version__
+    from advprune._version import __version__
 
     return {
         "advprune": __version__,

@@ -23,83 +23,16 @@ from __future__ import annotations
 import fnmatch
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import nn
 
 from advprune._validation import check_sparsity
 from advprune.errors import ConfigError, UnknownNameError
+from advprune.methods.taxonomy import Taxonomy
 from advprune.sparsity import GRANULARITIES, SCOPES
 from advprune.sparsity.allocation import allocate, check_allocation, check_allocation_params
 from advprune.training.trainer import Regularizer
-
-PIPELINES = ("after", "before", "during")  # APB: A (post-training), B (at init), D (in training)
-
-
-@dataclass(frozen=True)
-class Taxonomy:
-    """A method's classification in the Adversarial Pruning Benchmark (APB, arXiv 2409.01249),
-    in the codes of the benchmark's legend, as in :mod:`advprune.bench.taxonomy`'s data.
-
-    ``ap_key``: the AP key ``Name_CitationKey`` of the method's taxonomy entry;
-    ``pipeline``: when pruning happens relative to training (after / before / during);
-    ``schedule``: ``1S`` (one-shot) and / or ``IT`` (iterative); ``structures``: ``S`` / ``US``;
-    ``scopes``: ``L`` (local) / ``G`` (global); ``criterion``: ``LWM``, ``SOLWM``, ``RELWM``,
-    ``LIS``, ``HGM`` or ``BCS``; the pipeline's own fields: ``pretraining`` and ``finetuning``
-    (after), ``pruning_step`` and ``training_step`` (before), ``training_step`` (during), each
-    a tuple of training codes (``AT``, ``NT``, ``KD``, ``CNI``, ``None``, ``n.s.``).
-    ``description`` and ``reference`` are free text.
-
-    This is the paper's classification, not what advprune implements: the granularities and
-    scopes a method accepts are :attr:`Method.structures` and :attr:`Method.scopes`.
-    """
-
-    ap_key: str
-    pipeline: str
-    schedule: tuple[str, ...] | None
-    structures: tuple[str, ...]
-    scopes: tuple[str, ...]
-    criterion: str
-    pretraining: tuple[str, ...] | None = None
-    finetuning: tuple[str, ...] | None = None
-    pruning_step: tuple[str, ...] | None = None
-    training_step: tuple[str, ...] | None = None
-    description: str = ""
-    reference: str = ""
-
-    def __post_init__(self) -> None:
-        from advprune.bench.taxonomy import check_classification
-
-        try:
-            check_classification(self.pipeline, self.classification())
-        except ValueError as exc:
-            raise ValueError(f"taxonomy of {self.ap_key!r}: {exc}") from None
-
-    def classification(self) -> dict[str, Any]:
-        """The fields the benchmark's taxonomy data holds (no free text), as lists."""
-        out: dict[str, Any] = {"ap_key": self.ap_key, "pipeline": self.pipeline}
-        for name in (
-            "pretraining",
-            "finetuning",
-            "pruning_step",
-            "training_step",
-            "schedule",
-            "structures",
-            "scopes",
-        ):
-            value = getattr(self, name)
-            out[name] = None if value is None else list(value)
-        out["criterion"] = self.criterion
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able record (tuples as lists)."""
-        return {
-            **self.classification(),
-            "description": self.description,
-            "reference": self.reference,
-        }
 
 
 class Method(ABC):

@@ -28,53 +28,9 @@ from torch import nn
 
 from advprune.errors import ConfigError
 from advprune.methods.base import Method, Taxonomy, register_method
-from advprune.sparsity import (
-    MaskBase,
-    attach_mask,
-    dense_weight,
-    register_mask_kind,
-    straight_through_topk,
-)
+from advprune.sparsity import HydraMask, attach_mask, dense_weight
 
 SCORE_INITS = ("scaled", "kaiming_normal", "kaiming_uniform")
-
-
-@register_mask_kind
-class HydraMask(MaskBase):
-    """Weight-shaped scores; the mask keeps the ``target_density`` fraction of units with the
-    largest ``|score|`` (unstructured) or L1 norm of ``|score|`` over the unit (structured)."""
-
-    kind: ClassVar[str] = "hydra"
-
-    def __init__(
-        self,
-        weight_shape: torch.Size | tuple[int, ...],
-        granularity: str = "unstructured",
-        density: float = 1.0,
-        scores: torch.Tensor | None = None,
-    ) -> None:
-        super().__init__(weight_shape, granularity)
-        if scores is None:
-            scores = torch.zeros(self.weight_shape)  # filled by load_state_dict
-        if tuple(scores.shape) != tuple(self.weight_shape):
-            raise ConfigError(
-                f"HYDRA scores of shape {tuple(scores.shape)}; expected the weight's "
-                f"{tuple(self.weight_shape)}"
-            )
-        self.scores = nn.Parameter(scores.detach().clone().float())
-        self.register_buffer("target_density", torch.tensor(float(density)))
-
-    def unit_scores(self) -> torch.Tensor:
-        """Importance of each mask unit (compact shape), differentiable in the scores."""
-        a = self.scores.abs()
-        if self.granularity == "unstructured":
-            return a
-        if self.granularity == "filters":
-            return a.flatten(1).sum(1)
-        return a.transpose(0, 1).flatten(1).sum(1)
-
-    def compact_mask(self) -> torch.Tensor:
-        return straight_through_topk(self.unit_scores(), float(self.target_density))
 
 
 def scaled_scores(weight: torch.Tensor) -> torch.Tensor:

@@ -232,7 +232,7 @@ def certify_report(
     ``robust_accuracy`` is None); written to ``out/report.json`` with the per-sample arrays
     (``certified_per_sample.npz``) and the smoothing curve when ``out`` is given. ``kwargs``
     are those of :func:`certified_entries` (``methods`` and ``eps`` required)."""
-    from advprune import __version__
+    from advprune._version import __version__
     from advprune.evaluation.report import Report
 
     out_path = Path(out) if out is not None else None
@@ -278,7 +278,7 @@ def certify_report(
 
 def save_certified(report: Any, arrays: dict[str, np.ndarray], out: str | Path) -> None:
     """Write ``report.json`` and ``certified_per_sample.npz`` into ``out``."""
-    from advprune.checkpoint import atomic_path
+    from advprune.io import atomic_path
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
