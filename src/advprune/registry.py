@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import inspect
 import os
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from advprune.errors import ConfigError, UnknownNameError
 
@@ -33,7 +34,9 @@ __all__ = [
     "Registry",
     "describe_field",
     "load_plugins",
+    "options_help",
     "parse_options",
+    "signature_options",
 ]
 
 T = TypeVar("T")
@@ -185,6 +188,34 @@ def parse_options(options_cls: type[Options], values: Mapping[str, Any], owner: 
             ) from None
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         raise ConfigError(f"{owner} options: {msg}") from None
+
+
+class SignatureOptions(BaseModel):
+    """Options read from a plug-in's signature: the key names are checked here, the values by
+    the plug-in itself (which parses ``"8/255"`` and friends)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+
+_SIGNATURES: dict[Any, type[BaseModel]] = {}
+
+
+def signature_options(obj: Any, kind: str = "plug-in") -> type[BaseModel]:
+    """A pydantic model of the keyword arguments of ``obj`` (a class: its ``__init__``; a
+    function: itself), defaults included; ``*args`` / ``**kwargs`` are left out."""
+    key = obj
+    if key in _SIGNATURES:
+        return _SIGNATURES[key]
+    func = obj.__init__ if isinstance(obj, type) else obj
+    fields: dict[str, Any] = {}
+    for p in inspect.signature(func).parameters.values():
+        if p.name == "self" or p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            continue
+        fields[p.name] = (Any, ... if p.default is p.empty else p.default)
+    name = f"{getattr(obj, '__name__', kind)}Options"
+    model = create_model(name, __base__=SignatureOptions, **fields)
+    _SIGNATURES[key] = model
+    return model
 
 
 def options_help(options_cls: type[Options]) -> str:

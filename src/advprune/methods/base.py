@@ -20,16 +20,17 @@ How the workflow runs a method's ``prune`` stage (``advprune prune``, :func:`adv
 
 from __future__ import annotations
 
-import fnmatch
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from pydantic import create_model
 from torch import nn
 
 from advprune._validation import check_sparsity
-from advprune.errors import ConfigError, UnknownNameError
+from advprune.errors import ConfigError
 from advprune.methods.taxonomy import Taxonomy
+from advprune.registry import Options, Registry, parse_options
 from advprune.sparsity import GRANULARITIES, SCOPES
 from advprune.sparsity.allocation import allocate, check_allocation, check_allocation_params
 from advprune.training.trainer import Regularizer
@@ -55,7 +56,8 @@ class Method(ABC):
     scopes: ClassVar[tuple[str, ...]] = ("local",)  # scopes implemented
     stages: ClassVar[tuple[str, ...]]
     trains: ClassVar[Mapping[str, tuple[str, ...]]]
-    options: ClassVar[Mapping[str, Any]] = {}
+    Options: ClassVar[type[Options]] = Options  # the method's typed options (pydantic)
+    options: ClassVar[Mapping[str, Any]] = {}  # their defaults (set by register_method)
     default_allocation: ClassVar[str] = "uniform"  # layer allocation when none is given
     rounds: int = 1  # prune stage rounds (iterative methods override, e.g. from an option)
 
@@ -98,13 +100,7 @@ class Method(ABC):
                 f"method {self.name!r} does not support scope {scope!r}; "
                 f"it supports: {', '.join(self.scopes)}"
             )
-        unknown = set(options) - set(self.options)
-        if unknown:
-            valid = ", ".join(sorted(self.options)) or "none"
-            raise ConfigError(
-                f"unknown option(s) {', '.join(sorted(unknown))} for method {self.name!r}; "
-                f"valid options: {valid}"
-            )
+        parsed = parse_options(self.Options, options, f"method {self.name!r}")
         self.structure, self.scope = structure, scope
         self.layer_selection = {
             "keep_first": keep_first,
@@ -112,7 +108,7 @@ class Method(ABC):
             "include": list(include or []),
             "exclude": list(exclude or []),
         }
-        self.opts = {**self.options, **options}
+        self.opts: dict[str, Any] = parsed.model_dump()
 
     def layers(self, model: nn.Module) -> dict[str, nn.Module]:
         """The layers this method prunes in ``model``."""
@@ -199,13 +195,21 @@ class Method(ABC):
         }
 
 
-_METHODS: dict[str, type[Method]] = {}
+_METHODS: Registry[type[Method]] = Registry("method")
+
+
+def _options_model(cls: type[Method]) -> type[Options]:
+    """``cls.Options``, or for a method that declares only an ``options`` dict of defaults, a
+    model of those keys (values of the defaults' types)."""
+    if "Options" in cls.__dict__ or "options" not in cls.__dict__:
+        return cls.Options
+    fields: dict[str, Any] = {k: (type(v) if v is not None else Any, v) for k, v in
+                              cls.options.items()}  # fmt: skip
+    return create_model(f"{cls.__name__}Options", __base__=Options, **fields)
 
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator registering a method under ``cls.name``."""
-    if cls.name in _METHODS and _METHODS[cls.name] is not cls:
-        raise ValueError(f"method {cls.name!r} is already registered")
     bad = [s for s in cls.structures if s not in GRANULARITIES]
     bad += [s for s in cls.scopes if s not in SCOPES]
     if bad or not cls.structures or not cls.scopes:
@@ -216,20 +220,19 @@ def register_method(cls: type[Method]) -> type[Method]:
     for stage in cls.trains:
         if stage not in cls.stages:
             raise ValueError(f"{cls.__name__}.trains names unknown stage {stage!r}")
-    _METHODS[cls.name] = cls
-    return cls
+    cls.Options = _options_model(cls)
+    cls.options = {k: f.default for k, f in cls.Options.model_fields.items()}
+    return _METHODS.add(cls.name, cls)
 
 
 def list_methods(pattern: str = "*") -> list[str]:
     """Registered method names matching an fnmatch ``pattern``."""
-    return sorted(n for n in _METHODS if fnmatch.fnmatchcase(n, pattern))
+    return _METHODS.names(pattern)
 
 
 def method_class(name: str) -> type[Method]:
     """The class registered as ``name``."""
-    if name not in _METHODS:
-        raise UnknownNameError("method", name, list(_METHODS))
-    return _METHODS[name]
+    return _METHODS.get(name)
 
 
 def create_method(name: str, sparsity: float | str, **kwargs: Any) -> Method:

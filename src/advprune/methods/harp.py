@@ -30,14 +30,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from advprune.errors import ConfigError
 from advprune.methods.base import Method, Taxonomy, register_method
 from advprune.methods.hydra import scaled_scores
+from advprune.registry import Options
 from advprune.sparsity import (
     RateMask,
     attach_mask,
@@ -336,33 +338,17 @@ class HARP(Method):
         "prune": ("scores", "rates", "bn"),
         "finetune": ("weights", "bn"),
     }
-    options: ClassVar[dict[str, Any]] = {
-        "learn": "both",
-        "gamma0": 0.01,
-        "a_min_factor": 0.1,
-        "hw_loss": "params",
-        "freeze_bn": False,
-    }
+
+    class Options(Options):
+        learn: Literal["both", "rates", "scores"] = "both"  # HARP, HARP-r, HARP-S
+        gamma0: Annotated[float, Field(ge=0)] = 0.01  # hinge weight per epoch
+        a_min_factor: Annotated[float, Field(ge=0, lt=1)] = 0.1  # a_min / target density
+        hw_loss: Literal["params", "flops"] = "params"
+        freeze_bn: bool = False  # keep BatchNorm fixed while pruning
 
     def __init__(self, sparsity: float | str, *args: Any, **kwargs: Any) -> None:
         super().__init__(sparsity, *args, **kwargs)
         o = self.opts
-        if o["learn"] not in LEARN:
-            raise ConfigError(f"HARP option learn must be one of {', '.join(LEARN)}, "
-                              f"got {o['learn']!r}")  # fmt: skip
-        if o["hw_loss"] not in HW_LOSSES:
-            raise ConfigError(f"HARP option hw_loss must be one of {', '.join(HW_LOSSES)}, "
-                              f"got {o['hw_loss']!r}")  # fmt: skip
-        for key in ("gamma0", "a_min_factor"):
-            value = o[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"HARP option {key} must be a number >= 0, got {value!r}")
-        if o["a_min_factor"] >= 1:
-            raise ConfigError(f"HARP option a_min_factor must be < 1, got {o['a_min_factor']}")
-        if not isinstance(o["freeze_bn"], bool):
-            raise ConfigError(
-                f"HARP option freeze_bn must be true or false, got {o['freeze_bn']!r}"
-            )
         self.target_density = 1.0 - self.sparsity
         self.a_min = float(o["a_min_factor"]) * self.target_density
         self._costs: dict[str, LayerCost] | None = None

@@ -21,16 +21,16 @@ straight-through gradient reaches every score of a unit through that norm.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
-from advprune.errors import ConfigError
 from advprune.methods.base import Method, Taxonomy, register_method
+from advprune.registry import Options
 from advprune.sparsity import HydraMask, attach_mask, dense_weight
 
-SCORE_INITS = ("scaled", "kaiming_normal", "kaiming_uniform")
+SCORE_INITS = ("scaled", "kaiming_normal", "kaiming_uniform")  # HYDRA.Options.score_init
 
 
 def scaled_scores(weight: torch.Tensor) -> torch.Tensor:
@@ -76,19 +76,10 @@ class HYDRA(Method):
         "prune": ("scores", "bn"),
         "finetune": ("weights", "bn"),
     }
-    options: ClassVar[dict[str, Any]] = {"freeze_bn": False, "score_init": "scaled"}
 
-    def __init__(self, sparsity: float | str, **kwargs: Any) -> None:
-        super().__init__(sparsity, **kwargs)
-        if not isinstance(self.opts["freeze_bn"], bool):
-            raise ConfigError(
-                f"option freeze_bn must be true or false, got {self.opts['freeze_bn']!r}"
-            )
-        if self.opts["score_init"] not in SCORE_INITS:
-            raise ConfigError(
-                f"option score_init must be one of {', '.join(SCORE_INITS)}, "
-                f"got {self.opts['score_init']!r}"
-            )
+    class Options(Options):
+        freeze_bn: bool = False  # freeze BatchNorm affine parameters while the scores train
+        score_init: Literal["scaled", "kaiming_normal", "kaiming_uniform"] = "scaled"
 
     def trainable(self, stage: str) -> tuple[str, ...]:
         kinds = super().trainable(stage)
