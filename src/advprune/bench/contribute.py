@@ -115,7 +115,7 @@ def benchmark(
     out: str | Path,
     eps: str | None = None,
     norm: str = "linf",
-    attacks: tuple[str, ...] | list[str] = ("autoattack", "hofmn"),
+    attacks: tuple[str, ...] | list[str] | None = None,
     store: Any = None,
     normalization: Any = None,
     n: int | None = None,
@@ -144,7 +144,7 @@ def benchmark(
     from advprune.bench.taxonomy import taxonomy_entry
     from advprune.config import DEFAULT_EPS, FALLBACK_EPS
     from advprune.errors import UnknownNameError
-    from advprune.evaluation import evaluate
+    from advprune.evaluation import DEFAULT_ATTACKS, evaluate
     from advprune.io import sha256_file, write_json_atomic
 
     key = parse_key(model_key)
@@ -176,7 +176,7 @@ def benchmark(
         data if data is not None else key.dataset_name,
         eps=eps,
         norm=norm,
-        attacks=attacks,
+        attacks=attacks if attacks is not None else DEFAULT_ATTACKS,
         n=n,
         out=out,
         progress=progress,

@@ -39,6 +39,7 @@ from advprune.certify.smoothing import (
 )
 from advprune.certify.verify import verified_accuracy
 from advprune.errors import ConfigError, UnknownNameError
+from advprune.evaluation.attacks import ATTACKS, EvalAttack, list_attacks, register_attack
 
 __all__ = [
     "CERTIFIERS",
@@ -49,18 +50,51 @@ __all__ = [
     "parse_radii",
 ]
 
+
+class _BoundCertifier(EvalAttack):
+    """Verified robustness at eps (L∞) by sound bounds: ``success`` where a point is NOT
+    verified (an adversarial example may exist), ``distance`` 0 there and inf where it is."""
+
+    kind = "certified"
+
+    def run_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int):
+        from advprune.certify.verify import verify_batch
+
+        _, verified = verify_batch(BoundedModel(model), x, y, self.eps, self.name)
+        open_ = (~verified).cpu().numpy()
+        return {"success": open_, "distance": np.where(open_, 0.0, np.inf)}
+
+
+class _SmoothingCertifier(EvalAttack):
+    """Randomized smoothing's certified accuracy at L2 radii (run over the whole set by
+    :func:`certified_entries`: its samples and abstentions are per point, not per batch)."""
+
+    kind = "certified"
+
+    def run_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int):
+        raise ConfigError("smoothing certifies a whole set: use certified_entries")
+
+
+for _name in BOUND_METHODS:
+    ATTACKS.add(_name, type(f"Certifier_{_name.replace('-', '_')}", (_BoundCertifier,),
+                            {"name": _name, "__module__": __name__}))  # fmt: skip
+register_attack("smoothing")(_SmoothingCertifier)
+
+#: the shipped certifiers; ``list_attacks(kind="certified")`` is the current list
 CERTIFIERS: tuple[str, ...] = (*BOUND_METHODS, "smoothing")
 
 
 def parse_certifiers(text: str | Sequence[str]) -> list[str]:
     """``"ibp,crown"`` -> ``["ibp", "crown"]``; unknown names raise UnknownNameError."""
+    valid = [*BOUND_METHODS, "smoothing"]
+    valid += [n for n in list_attacks(kind="certified") if n not in valid]
     names = [t.strip().lower() for t in (text.split(",") if isinstance(text, str) else text)]
     names = [t for t in names if t]
     if not names:
-        raise ConfigError(f"--certify needs at least one of {', '.join(CERTIFIERS)}")
+        raise ConfigError(f"--certify needs at least one of {', '.join(valid)}")
     for name in names:
-        if name not in CERTIFIERS:
-            raise UnknownNameError("certifier", name, CERTIFIERS)
+        if name not in valid:
+            raise UnknownNameError("certifier", name, valid)
     if len(set(names)) != len(names):
         raise ConfigError(f"a certifier is repeated in {','.join(names)}")
     return names

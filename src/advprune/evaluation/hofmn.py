@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from advprune.attacks.fmn import FMN, FMN_LOSSES, FMN_OPTIMIZERS
 from advprune.attacks.pgd import model_mode_scope
 from advprune.errors import ConfigError
-from advprune.io import write_json_atomic
+from advprune.io import check_same_settings, write_json_atomic
 
 __all__ = ["SEARCH_SPACE", "TuningResult", "fmn_config_from_params", "suggest_params", "tune_fmn"]
 
@@ -112,16 +112,7 @@ def _load_trials(path: Path | None, settings: dict[str, Any]) -> list[dict[str, 
         ) from None
     if not isinstance(study, dict) or study.get("format") != STUDY_FORMAT:
         raise ConfigError(f"{path} is not an advprune HO-FMN study; delete it to start over")
-    if study.get("settings") != settings:
-        changed = sorted(
-            k
-            for k in set(settings) | set(study.get("settings") or {})
-            if (study.get("settings") or {}).get(k) != settings.get(k)
-        )
-        raise ConfigError(
-            f"{path} holds an HO-FMN study with other settings ({', '.join(changed)} differ); "
-            "rerun with the same settings or pass a new --out folder"
-        )
+    check_same_settings(path, study.get("settings") or {}, settings, what="an HO-FMN study")
     return list(study.get("trials") or [])
 
 

@@ -155,6 +155,14 @@ class Method(ABC):
             )
         return tuple(self.trains.get(stage, ()))
 
+    def stage_kind(self, stage: str) -> str:
+        """What ``stage`` does in the pipeline (:mod:`advprune.pipeline`): ``pretrain`` (dense
+        training before pruning), ``prune`` (where :meth:`prune_round` runs) or ``train``
+        (masks fixed, :meth:`trainable` kinds train). Default: by name, ``pretrain`` and
+        ``prune`` are themselves and every other stage is ``train``; override it for a stage
+        sequence of another shape."""
+        return stage if stage in ("pretrain", "prune") else "train"
+
     def regularizer(self, stage: str) -> Regularizer | None:
         """Extra loss term for training ``stage`` (e.g. HARP's hinge loss); default none."""
         return None
@@ -162,7 +170,7 @@ class Method(ABC):
     @property
     def needs_pretrained(self) -> bool:
         """Whether the prune stage starts from a trained (``pretrain`` stage) model."""
-        return "pretrain" in self.stages
+        return any(self.stage_kind(s) == "pretrain" for s in self.stages)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Method:
