@@ -234,19 +234,30 @@ _LOADED: set[str] = set()
 
 def load_plugins(modules: str | None = None) -> list[str]:
     """Import the plug-in modules named in ``modules`` (default ``$ADVPRUNE_PLUGINS``),
-    comma-separated, once each; return their names. A module that cannot be imported is a
-    one-line :class:`ConfigError`."""
+    comma-separated, once each; return their names.
+
+    Each item is ``package.module`` (its plug-ins register when it is imported) or
+    ``package.module:function`` (the function, called without arguments, registers them).
+    A module that cannot be imported, or a missing function, is a one-line
+    :class:`ConfigError`.
+    """
     text = os.environ.get(PLUGINS_ENV, "") if modules is None else modules
     names = [m.strip() for m in text.split(",") if m.strip()]
-    for name in names:
-        if name in _LOADED:
+    for item in names:
+        if item in _LOADED:
             continue
+        name, _, func = item.partition(":")
         try:
-            importlib.import_module(name)
+            module = importlib.import_module(name)
         except ImportError as exc:
             raise ConfigError(
                 f"cannot import plug-in module {name!r} from ${PLUGINS_ENV} ({exc}); "
                 "check the name and that its folder is on PYTHONPATH"
             ) from None
-        _LOADED.add(name)
+        if func:
+            register = getattr(module, func, None)
+            if not callable(register):
+                raise ConfigError(f"plug-in module {name!r} has no function {func!r}")
+            register()
+        _LOADED.add(item)
     return names

@@ -242,6 +242,7 @@ class ScoreMask(MaskBase):
     """
 
     kind: ClassVar[str] = "scores"
+    WEIGHT_SHAPED: ClassVar[bool] = False  # the default of ``weight_shaped`` (presets set it)
 
     def __init__(
         self,
@@ -250,12 +251,12 @@ class ScoreMask(MaskBase):
         density: float = 1.0,
         scores: torch.Tensor | None = None,
         *,
-        weight_shaped: bool = False,
+        weight_shaped: bool | None = None,
         rate: float | None = None,
         a_min: float = 0.0,
     ) -> None:
         super().__init__(weight_shape, granularity)
-        self.weight_shaped = bool(weight_shaped)
+        self.weight_shaped = self.WEIGHT_SHAPED if weight_shaped is None else bool(weight_shaped)
         if self.weight_shaped:
             shape = tuple(self.weight_shape)
             if scores is None:
@@ -316,15 +317,7 @@ class HydraMask(ScoreMask):
     ``hydra``); structured units are ranked by the L1 norm of their scores."""
 
     kind: ClassVar[str] = "hydra"
-
-    def __init__(
-        self,
-        weight_shape: torch.Size | tuple[int, ...],
-        granularity: str = "unstructured",
-        density: float = 1.0,
-        scores: torch.Tensor | None = None,
-    ) -> None:
-        super().__init__(weight_shape, granularity, density, scores, weight_shaped=True)
+    WEIGHT_SHAPED: ClassVar[bool] = True
 
 
 @register_mask_kind
