@@ -278,16 +278,11 @@ def _run_record(
 
 def make_method(cfg: RunConfig) -> Method:
     """The pruning method named by ``cfg.method`` with the config's settings and options."""
+    chosen = ("structure", "scope", "keep_first", "keep_last", "allocation")
+    params = {} if cfg.allocation_p is None else {"p": cfg.allocation_p}
+    settings = {name: getattr(cfg, name) for name in chosen}
     return create_method(
-        cfg.method,
-        cfg.sparsity,
-        structure=cfg.structure,
-        scope=cfg.scope,
-        keep_first=cfg.keep_first,
-        keep_last=cfg.keep_last,
-        allocation=cfg.allocation,
-        allocation_params={} if cfg.allocation_p is None else {"p": cfg.allocation_p},
-        **cfg.method_options,
+        cfg.method, cfg.sparsity, **settings, allocation_params=params, **cfg.method_options
     )
 
 
