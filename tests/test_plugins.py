@@ -200,6 +200,7 @@ def test_plugin_method_and_attack_through_a_grid(tmp_path: Path) -> None:
             "eps": "3/16",
             "n": 40,
             "options": {"attack_options": {"noise-test": {"tries": 2}}},
+            "certify": ["ibp"],  # a certifier of the same registry, asked for by the grid
         },
     }
     path = tmp_path / "grid.yaml"
@@ -214,5 +215,8 @@ def test_plugin_method_and_attack_through_a_grid(tmp_path: Path) -> None:
     card = json.loads((job / "recover" / "model.json").read_text())
     assert card["stage"] == "recover" and card["method"]["options"] == {"keep_bias": False}
     report = ResultsStore(store).report(key, "linf-3/16")
-    assert [e["name"] for e in report["entries"]] == ["noise-test"]
+    assert [(e["name"], e["kind"]) for e in report["entries"]] == [
+        ("noise-test", "empirical"),
+        ("ibp", "certified"),
+    ]
     assert report["entries"][0]["config"]["tries"] == 2

@@ -481,17 +481,9 @@ def _show_report(args: argparse.Namespace, report: Any, out: str | None, files: 
 
 def _certifiers(text: str, opts: dict[str, Any]) -> dict[str, Any]:
     """Parse ``--certify`` and the smoothing settings (checked before any data is read)."""
-    from advprune.certify.smoothing import check_alpha, check_sample_counts
-    from advprune.evaluation.certifiers import parse_certifiers, parse_radii
+    from advprune.evaluation.certifiers import certifier_settings
 
-    names = parse_certifiers(text)
-    settings: dict[str, Any] = {"methods": names, "radii": parse_radii(opts.get("radii"))}
-    settings["n0"] = 100 if opts.get("n0") is None else opts["n0"]
-    settings["samples"] = 10_000 if opts.get("smoothing_n") is None else opts["smoothing_n"]
-    settings["alpha"] = check_alpha(0.001 if opts.get("alpha") is None else opts["alpha"])
-    if "smoothing" in names:
-        check_sample_counts(settings["samples"], settings["alpha"], settings["n0"])
-    return settings
+    return certifier_settings(text, **opts)
 
 
 def _certify_settings(cfg: Any, card: dict[str, Any] | None, certifiers: dict[str, Any]):
@@ -538,19 +530,10 @@ def _certify_only(args, cfg, data, model, card, model_info, certifiers, out) -> 
 
 def _add_certified(report, cfg, data, model, card, certifiers, out) -> None:
     """Append the certified entries to a report of attacks (and rewrite it in ``out``)."""
-    from advprune.evaluation.certifiers import certified_entries, save_certified
+    from advprune.evaluation.certifiers import add_certified
 
-    entries, arrays = certified_entries(
-        model,
-        data.splits.test,
-        num_classes=data.splits.info.num_classes,
-        plot=Path(out) / "certified_accuracy" if out is not None else None,
-        **_certify_settings(cfg, card, certifiers),
-    )
-    for entry in entries:
-        report.add_entry(entry)
-    if out is not None:
-        save_certified(report, arrays, out)
+    add_certified(report, model, data.splits.test, num_classes=data.splits.info.num_classes,
+                  out=out, **_certify_settings(cfg, card, certifiers))  # fmt: skip
 
 
 def _print_certified(report: Any) -> None:

@@ -12,7 +12,10 @@ A grid file (YAML) names the jobs::
     datasets: [digits]                  # default: base.dataset
     structures: [unstructured]
     sparsities: {unstructured: [0.9, 0.95, 0.99]}
-    evaluation: {attacks: [autoattack, hofmn], eps: 3/16, n: null}
+    evaluation: {attacks: [autoattack, hofmn], eps: 3/16, n: null}   # certify: [ibp] too
+
+A method's other stages take their settings from ``methods.NAME.stages.STAGE``; every stage
+of the method runs through :func:`advprune.pipeline.run_method`, in the method's order.
 
 Each job runs in ``OUT/jobs/<model key>/``: ``prune/`` and ``finetune/`` (the method's
 stages), ``export/`` (the plain dense checkpoint) and ``eval/`` (the report; resumes per
@@ -46,6 +49,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from advprune._validation import first_validation_error
@@ -89,6 +93,21 @@ class EvaluationSpec(BaseModel):
     batch_size: int = 128
     seed: int = 0
     options: dict[str, Any] = {}  # further evaluate() keywords (aa_version, hofmn_trials, ...)
+    certify: list[str] = []  # certifiers after the attacks (ibp, crown-ibp, crown, smoothing)
+    certify_options: dict[str, Any] = {}  # sigma, radii, n0, smoothing_n, alpha
+
+    @model_validator(mode="after")
+    def _certifiers(self) -> EvaluationSpec:
+        if self.certify:
+            from advprune.evaluation.certifiers import certifier_settings
+
+            opts = {k: v for k, v in self.certify_options.items() if k != "sigma"}
+            try:
+                certifier_settings(self.certify, **opts)
+            except TypeError:
+                valid = "sigma, radii, n0, smoothing_n, alpha"
+                raise ConfigError(f"certify_options: valid options: {valid}") from None
+        return self
 
     @field_validator("eps", mode="before")
     @classmethod
@@ -334,7 +353,7 @@ def run_job(grid: Grid, job: Job, out: str | Path, store: str | Path, *, progres
         after_stage("export")
         ev = grid.evaluation
         ecfg = grid.config(**common)
-        evaluate(
+        report = evaluate(
             model,
             data.splits,
             eps=ev.eps or ecfg.eps_text(),
@@ -355,6 +374,17 @@ def run_job(grid: Grid, job: Job, out: str | Path, store: str | Path, *, progres
             },
             **ev.options,
         )
+        if ev.certify:  # certified entries join the same report (and the store)
+            from advprune.evaluation.certifiers import add_certified, certifier_settings
+
+            opts = dict(ev.certify_options)
+            sigma = opts.pop("sigma", 0.25)
+            add_certified(
+                report, model, data.splits.test, out=folder / "eval",
+                num_classes=data.splits.info.num_classes, eps=ev.eps or ecfg.eps_text(),
+                norm=ecfg.norm, n=ev.n, sigma=sigma, batch_size=ev.batch_size, seed=ev.seed,
+                progress=progress, **certifier_settings(ev.certify, **opts),
+            )  # fmt: skip
         return ResultsStore(store).add_report(folder / "eval" / "report.json", job.key)
 
 

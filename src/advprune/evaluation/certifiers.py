@@ -43,7 +43,9 @@ from advprune.evaluation.attacks import ATTACKS, EvalAttack, list_attacks, regis
 
 __all__ = [
     "CERTIFIERS",
+    "add_certified",
     "certified_entries",
+    "certifier_settings",
     "certify_report",
     "check_certifiers",
     "parse_certifiers",
@@ -308,6 +310,45 @@ def certify_report(
     if out_path is not None:
         save_certified(report, arrays, out_path)
     return report
+
+
+def certifier_settings(
+    methods: str | Sequence[str],
+    *,
+    radii: str | Sequence[float] | None = None,
+    n0: int | None = None,
+    smoothing_n: int | None = None,
+    alpha: float | None = None,
+) -> dict[str, Any]:
+    """The certifiers ``methods`` and smoothing's settings (defaults: n0 100, 10,000 samples,
+    alpha 0.001, :data:`DEFAULT_RADII`), validated before any data is read; the keys are
+    :func:`certified_entries`'s (``methods``, ``radii``, ``n0``, ``samples``, ``alpha``)."""
+    names = parse_certifiers(methods)
+    settings: dict[str, Any] = {"methods": names, "radii": parse_radii(radii)}
+    settings["n0"] = 100 if n0 is None else n0
+    settings["samples"] = 10_000 if smoothing_n is None else smoothing_n
+    settings["alpha"] = check_alpha(0.001 if alpha is None else alpha)
+    if "smoothing" in names:
+        check_sample_counts(settings["samples"], settings["alpha"], settings["n0"])
+    return settings
+
+
+def add_certified(
+    report: Any,
+    model: nn.Module,
+    dataset: Any,
+    *,
+    out: str | Path | None = None,
+    **settings: Any,
+) -> None:
+    """Append the certified entries of :func:`certified_entries` (``settings``: its keyword
+    arguments) to a report of attacks, and rewrite the report in ``out`` when given."""
+    plot = Path(out) / "certified_accuracy" if out is not None else None
+    entries, arrays = certified_entries(model, dataset, plot=plot, **settings)
+    for entry in entries:
+        report.add_entry(entry)
+    if out is not None:
+        save_certified(report, arrays, out)
 
 
 def save_certified(report: Any, arrays: dict[str, np.ndarray], out: str | Path) -> None:
