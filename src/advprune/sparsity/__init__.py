@@ -6,6 +6,13 @@ from advprune.sparsity.allocation import (
     check_allocation,
     list_allocations,
 )
+from advprune.sparsity.compaction import (
+    CompactionError,
+    CompactRecord,
+    LayerChange,
+    build_compacted,
+    compact,
+)
 from advprune.sparsity.masks import (
     GRANULARITIES,
     FixedMask,
@@ -53,7 +60,10 @@ __all__ = [
     "ALLOCATIONS",
     "GRANULARITIES",
     "SCOPES",
+    "CompactRecord",
+    "CompactionError",
     "FixedMask",
+    "LayerChange",
     "LayerSparsity",
     "MaskBase",
     "ScoreMask",
@@ -62,7 +72,9 @@ __all__ = [
     "allocate_densities",
     "attach_mask",
     "attach_scores",
+    "build_compacted",
     "check_allocation",
+    "compact",
     "compact_shape",
     "dense_weight",
     "expand_mask",
