@@ -33,6 +33,7 @@ from advprune.sparsity.masks import (
     topk_mask,
     unit_size,
 )
+from advprune.sparsity.nm import is_nm, nm_mask, parse_nm
 from advprune.sparsity.pruning import (
     SCOPES,
     allocate_densities,
@@ -81,6 +82,7 @@ __all__ = [
     "export_dense",
     "get_mask",
     "is_masked",
+    "is_nm",
     "kept_count",
     "layer_densities",
     "layer_masks",
@@ -90,6 +92,8 @@ __all__ = [
     "mask_kind",
     "mask_specs",
     "masked_modules",
+    "nm_mask",
+    "parse_nm",
     "prunable_layers",
     "prune_magnitude",
     "register_mask_kind",
