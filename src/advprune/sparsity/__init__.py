@@ -13,6 +13,7 @@ from advprune.sparsity.compaction import (
     build_compacted,
     compact,
 )
+from advprune.sparsity.compressed import load_compressed, save_compressed, sparse_state_dict
 from advprune.sparsity.masks import (
     GRANULARITIES,
     FixedMask,
@@ -87,6 +88,7 @@ __all__ = [
     "layer_densities",
     "layer_masks",
     "list_allocations",
+    "load_compressed",
     "load_dense_state_dict",
     "magnitude_importance",
     "mask_kind",
@@ -99,6 +101,8 @@ __all__ = [
     "register_mask_kind",
     "remove_mask",
     "restore_masks",
+    "save_compressed",
+    "sparse_state_dict",
     "sparsity_report",
     "straight_through_topk",
     "to_masked_keys",
