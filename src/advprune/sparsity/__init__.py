@@ -35,6 +35,14 @@ from advprune.sparsity.masks import (
     unit_size,
 )
 from advprune.sparsity.nm import is_nm, nm_mask, parse_nm
+from advprune.sparsity.profiling import (
+    Latency,
+    Profile,
+    count_macs,
+    count_params,
+    measure_latency,
+    profile,
+)
 from advprune.sparsity.pruning import (
     SCOPES,
     allocate_densities,
@@ -65,9 +73,11 @@ __all__ = [
     "CompactRecord",
     "CompactionError",
     "FixedMask",
+    "Latency",
     "LayerChange",
     "LayerSparsity",
     "MaskBase",
+    "Profile",
     "ScoreMask",
     "SparsityReport",
     "allocate",
@@ -78,6 +88,8 @@ __all__ = [
     "check_allocation",
     "compact",
     "compact_shape",
+    "count_macs",
+    "count_params",
     "dense_weight",
     "expand_mask",
     "export_dense",
@@ -94,8 +106,10 @@ __all__ = [
     "mask_kind",
     "mask_specs",
     "masked_modules",
+    "measure_latency",
     "nm_mask",
     "parse_nm",
+    "profile",
     "prunable_layers",
     "prune_magnitude",
     "register_mask_kind",
