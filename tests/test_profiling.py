@@ -155,3 +155,12 @@ def test_profile_against_a_baseline(tmp_path: Path) -> None:
     assert result.to_dict()["speedups"][0]["batch_size"] == 1
     with pytest.raises(ConfigError, match="no such file"):
         profile(thin, (1, 8, 8), batch_sizes=(), files={"x": tmp_path / "missing"})
+
+
+def test_latency_sets_the_memory_format_both_ways() -> None:
+    conv = nn.Conv2d(3, 8, 3)
+    measure_latency({"c": conv}, (3, 8, 8), 2, warmup=0, repeats=1, channels_last=True)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    measure_latency({"c": conv}, (3, 8, 8), 2, warmup=0, repeats=1)
+    assert conv.weight.is_contiguous()

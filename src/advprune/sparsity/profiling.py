@@ -162,10 +162,10 @@ def measure_latency(
 ) -> dict[str, Latency]:
     """Median forward time of each model on one random batch, the models timed in turn.
 
-    The models are put in eval mode and moved to ``device`` (and to channels-last memory
-    format with ``channels_last``) in place. ``threads`` sets ``torch.set_num_threads`` for
-    the measurement (default: as it is), restored afterwards. CUDA times come from CUDA events
-    between synchronisations.
+    The models are put in eval mode and moved to ``device`` and to the memory format
+    (channels-last with ``channels_last``, else contiguous) in place. ``threads`` sets
+    ``torch.set_num_threads`` for the measurement (default: as it is), restored afterwards.
+    CUDA times come from CUDA events between synchronisations.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch size must be an integer >= 1, got {batch_size!r}")
@@ -177,12 +177,7 @@ def measure_latency(
     x = torch.rand(batch_size, *input_size, device=device)
     if x.dim() == 4:
         x = x.contiguous(memory_format=memory_format)
-    ready = {}
-    for name, model in models.items():
-        model = model.to(device).eval()
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        ready[name] = model
+    ready = {name: m.to(device, memory_format=memory_format).eval() for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in ready}
     with _threads(None if cuda else threads) as n_threads:
         names = list(ready)
