@@ -29,7 +29,8 @@ CHROMIUM_SETUP = command -v chromium >/dev/null 2>&1 || { \
 
 test: $(STAMP)
 	$(CHROMIUM_SETUP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP)
@@ -37,8 +38,9 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/ruff format --check src tests benchmarks tools
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) quickstart_out .pytest_cache .ruff_cache test-artifacts

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from advprune import workflow as wf
+from advprune import pipeline as wf
 from advprune.certify import certify_dataset, plot_certified_accuracy, verified_accuracy
 from advprune.checkpoint import load_checkpoint, write_json_atomic
 from advprune.config import load_config

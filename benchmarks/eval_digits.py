@@ -22,9 +22,9 @@ import torch
 from advprune.checkpoint import load_checkpoint, write_json_atomic
 from advprune.config import RunConfig
 from advprune.evaluation import evaluate
+from advprune.pipeline import MODEL_FILE, build_model, prepare_data, train_stage
 from advprune.progress import ProgressSetting, add_progress_flag
 from advprune.quickstart import PRETRAIN_EPOCHS, QUICKSTART
-from advprune.workflow import MODEL_FILE, build_model, prepare_data, train_stage
 
 
 def train_or_load(

@@ -41,8 +41,7 @@ import torch
 from advprune.checkpoint import load_checkpoint
 from advprune.config import RunConfig
 from advprune.methods import list_methods, method_class
-from advprune.quickstart import QUICKSTART
-from advprune.workflow import (
+from advprune.pipeline import (
     MODEL_FILE,
     build_model,
     evaluate,
@@ -51,6 +50,7 @@ from advprune.workflow import (
     prune_stage,
     train_stage,
 )
+from advprune.quickstart import QUICKSTART
 
 # the quickstart's digits settings (PGD-5 at 3/16, batch 64, lr 0.05, wd 5e-4), cosine schedule
 BASE: dict[str, Any] = {

@@ -16,6 +16,7 @@ from advprune.data import load_dataset, make_loader
 from advprune.errors import ConfigError, UnknownNameError
 from advprune.methods import create_method
 from advprune.models import create
+from advprune.pipeline import make_objective, prepare_data, train_stage
 from advprune.sparsity import masked_modules, prune_magnitude
 from advprune.training import TrainConfig, Trainer, create_objective, parameter_groups
 from advprune.training.certified import (
@@ -25,7 +26,6 @@ from advprune.training.certified import (
     SmoothTraining,
     ramp_fraction,
 )
-from advprune.workflow import make_objective, prepare_data, train_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

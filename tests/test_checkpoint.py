@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-import advprune.checkpoint as ckpt
+import advprune.io as ckpt  # save_file and sha256_file live in the io layer
 from advprune.checkpoint import (
     card_path,
     load_checkpoint,

@@ -9,8 +9,8 @@ import pytest
 from advprune.config import load_config, read_yaml
 from advprune.errors import ConfigError
 from advprune.models import list_models
+from advprune.pipeline import make_method
 from advprune.training import list_objectives
-from advprune.workflow import make_method
 
 ALL = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 GRIDS = [p for p in ALL if "sparsities" in p.read_text()]  # benchmark grids (bench run)

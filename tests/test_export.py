@@ -22,8 +22,8 @@ from advprune.cli import main
 from advprune.config import RunConfig
 from advprune.methods import list_methods, method_class
 from advprune.models import ModelSpec, create
+from advprune.pipeline import prepare_data, prune_stage
 from advprune.sparsity import layer_densities, sparsity_report
-from advprune.workflow import prepare_data, prune_stage
 
 CASES = [
     (name, structure) for name in list_methods() for structure in method_class(name).structures

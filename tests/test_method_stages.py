@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from advprune import workflow as wf
+from advprune import pipeline as wf
 from advprune.config import load_config
 from advprune.errors import ConfigError
 from advprune.methods import LWM, create_method, method_from_config, register_method

@@ -21,8 +21,8 @@ from advprune.models import (
 from advprune.models import registry as registry_module
 
 ALL_MODELS = [
-    "cnn7", "digits_cnn", "resnet18", "resnet34", "resnet50", "vgg16", "vgg16_bn", "wrn28_10",
-    "wrn28_4",
+    "cnn7", "digits_cnn", "resnet18", "resnet34", "resnet50", "vgg16", "vgg16_bn", "vgg16_nobn",
+    "wrn28_10", "wrn28_4",
 ]  # fmt: skip
 
 # Published / reference figures (3 input channels; 1 for digits_cnn).
@@ -32,6 +32,7 @@ PARAM_COUNTS = {
     "resnet50": (10, 23_520_842),
     "vgg16": (10, 15_311_818),  # HYDRA CIFAR VGG-16; derivation in advprune.models.vgg.vgg16
     "vgg16_bn": (1000, 138_365_992),  # torchvision docs
+    "vgg16_nobn": (10, 15_303_370),  # vgg16 less its 8,448 BatchNorm parameters
     "wrn28_10": (10, 36_479_194),  # RobustBench Standard
     "wrn28_4": (10, 5_849_050),  # formula in advprune.models.wideresnet docstring
     "digits_cnn": (10, 226_794),  # 288+64 + 18432+128 + 73728+256 + 131328 + 2570
@@ -47,6 +48,7 @@ STEM_AND_HEAD = {
     "resnet50": ("conv1", "linear"),
     "vgg16": ("features.0", "classifier.4"),
     "vgg16_bn": ("features.0", "classifier.6"),
+    "vgg16_nobn": ("features.0", "classifier.4"),
     "wrn28_10": ("conv1", "fc"),
     "wrn28_4": ("conv1", "fc"),
 }
@@ -182,6 +184,19 @@ def test_vgg16_key_layout():
     assert sd["classifier.2.weight"].shape == (256, 256)
     assert sd["classifier.4.weight"].shape == (10, 256) and "classifier.4.bias" in sd
     assert isinstance(cached("vgg16").avgpool, nn.AdaptiveAvgPool2d)
+
+
+def test_vgg16_nobn_key_layout():
+    """HYDRA's / HARP's BatchNorm-free vgg16: conv / ReLU pairs, pools between blocks."""
+    sd = cached("vgg16_nobn").state_dict()
+    convs = sorted(int(k.split(".")[1]) for k in sd if k.startswith("features."))
+    assert convs == [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+    assert all(k.endswith(".weight") for k in sd if k.startswith("features."))  # no bias, no BN
+    features = cached("vgg16_nobn").features
+    assert len(features) == 30 and isinstance(features[29], nn.ReLU)
+    assert [k for k in sd if k.startswith("classifier")] == [
+        f"classifier.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")
+    ]
 
 
 def test_vgg16_bn_key_layout():

@@ -6,12 +6,7 @@ with one exact protocol, and record the result. Subpackages: ``models``, ``data`
 ``advprune.checkpoint``; the command line in ``advprune.cli``.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("advprune")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.1.0"
+from advprune._version import __version__
 
 __all__ = ["__version__", "finetune", "prune"]
 

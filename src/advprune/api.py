@@ -1,7 +1,7 @@
 """The Python API: :func:`prune` and :func:`finetune` on an in-memory model.
 
 Both run the same stages as ``advprune prune`` / ``advprune finetune``
-(:func:`advprune.workflow.prune_stage` / :func:`~advprune.workflow.finetune_stage`), on a copy
+(:func:`advprune.pipeline.run_stage`), on a copy
 of the model, with the same settings (:class:`advprune.config.RunConfig`)::
 
     import advprune
@@ -44,7 +44,7 @@ def _settings(
 
 
 def _data(cfg: RunConfig, data: DataLike, model: nn.Module, *, train: bool):
-    from advprune import workflow as wf
+    from advprune import pipeline as wf
 
     if isinstance(data, str):
         return wf.prepare_data(cfg, with_val=train)
@@ -131,7 +131,7 @@ def prune(
     :class:`~advprune.data.DataSplits` or a ``DataLoader`` (used to train; no validation).
     Training checkpoints go to ``out`` (a temporary folder when None).
     """
-    from advprune import workflow as wf
+    from advprune import pipeline as wf
 
     name, obj = _objective(objective)
     cfg, options = _settings(
@@ -151,7 +151,7 @@ def prune(
     method_obj = wf.make_method(cfg)  # validates method, options, structure, allocation
     d = _data(cfg, data, model, train=bool(method_obj.trainable("prune")))
     with _folder(out) as folder:
-        pruned, card = wf.prune_stage(cfg, d, model, out=folder, objective=obj)
+        pruned, card = wf.run_stage("prune", cfg, d, model, out=folder, objective=obj)
     setattr(pruned, CARD_ATTR, card)
     return pruned
 
@@ -163,14 +163,16 @@ def finetune(
     *,
     config: RunConfig | Mapping[str, Any] | None = None,
     out: str | Path | None = None,
+    stage: str = "finetune",
     **kwargs: Any,
 ) -> nn.Module:
-    """Train a model returned by :func:`prune` with its method's finetune parameter kinds.
+    """Train a model returned by :func:`prune` with the parameter kinds its method trains in
+    ``stage`` (``finetune``, or another training stage after prune that the method declares).
 
     Masks stay fixed; the model is trained in place and returned. ``kwargs`` are
     :class:`~advprune.config.RunConfig` settings (``epochs``, ``lr``, ...).
     """
-    from advprune import workflow as wf
+    from advprune import pipeline as wf
 
     card = getattr(model, CARD_ATTR, None)
     if not isinstance(card, Mapping) or not card.get("method"):
@@ -182,7 +184,7 @@ def finetune(
         raise ConfigError(f"unknown setting(s) {', '.join(sorted(rest))} for finetune")
     d = _data(cfg, data, model, train=True)
     with _folder(out) as folder:
-        tuned, new_card = wf.finetune_stage(cfg, d, model, dict(card), out=folder, objective=obj)
+        tuned, new_card = wf.run_stage(stage, cfg, d, model, dict(card), out=folder, objective=obj)
     setattr(tuned, CARD_ATTR, new_card)
     return tuned
 

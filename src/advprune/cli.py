@@ -89,19 +89,50 @@ def _add_common(p: argparse.ArgumentParser, *, training: bool) -> None:
             help="another objective option (repeatable), e.g. --objective-option eta=0.5",
         )
         g = p.add_argument_group("optimisation")
-        g.add_argument("--epochs", type=int)
-        g.add_argument("--lr", type=float)
-        g.add_argument("--momentum", type=float)
-        g.add_argument("--weight-decay", dest="weight_decay", type=float)
-        g.add_argument("--schedule", help="cosine (default), step, constant")
-        g.add_argument("--warmup-epochs", dest="warmup_epochs", type=float)
+        _add_train_flags(g)
         g.add_argument("--augment", type=_bool, nargs="?", const=True)
-        g.add_argument("--amp", type=_bool, nargs="?", const=True)
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     g.add_argument("--out", help="output folder")
     add_progress_flag(g)
+
+
+def _floats(text: str) -> list[float]:
+    """``0.5,0.75`` -> ``[0.5, 0.75]``."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _add_train_flags(g: Any) -> None:
+    """One flag per field of TrainConfig (the definition the YAML keys come from too):
+    ``--epochs``, ``--lr``, ``--momentum``, ``--weight-decay``, ``--nesterov``,
+    ``--schedule``, ``--milestones``, ``--gamma``, ``--warmup-epochs``, ``--amp``,
+    ``--grad-clip``."""
+    import dataclasses
+    import typing
+
+    from advprune.config import TRAIN_FIELDS
+    from advprune.training import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    meta = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
+    for name in TRAIN_FIELDS:
+        hint = hints[name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        base = args[0] if typing.get_origin(hint) is not tuple and args else hint
+        kwargs: dict[str, Any] = {"dest": name, "help": meta[name].get("help")}
+        if base is bool:
+            kwargs.update(type=_bool, nargs="?", const=True)
+        elif typing.get_origin(hint) is tuple:
+            kwargs.update(type=_floats, metavar="X,Y")
+        elif base in (int, float):
+            kwargs["type"] = base
+        g.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 
 def _add_prune(p: argparse.ArgumentParser) -> None:
@@ -141,6 +172,7 @@ def _option(text: str) -> tuple[str, Any]:
 _EVAL_ONLY = (
     "checkpoint_path",
     "attacks",
+    "attack_options",
     "aa_version",
     "fmn_steps",
     "hofmn_trials",
@@ -159,10 +191,16 @@ _EVAL_ONLY = (
 def _add_eval(p: argparse.ArgumentParser) -> None:
     """Flags of ``eval`` only (not RunConfig settings); every default is None."""
     g = p.add_argument_group("evaluation (--eval-steps: PGD steps; --out DIR: write and resume)")
+    from advprune.evaluation.attacks import attacks_help, list_attacks
+
+    g.add_argument("--attacks", help=attacks_help())
     g.add_argument(
-        "--attacks",
-        help="comma-separated, in order: autoattack,hofmn (default), fmn, pgd, or one "
-        "AutoAttack attack alone: apgd-ce, apgd-t, fab-t, square, apgd-dlr, fab",
+        "--attack-option",
+        dest="attack_options",
+        action="append",
+        type=_option,
+        metavar="ATTACK.KEY=VALUE",
+        help="an option of one attack (repeatable), e.g. --attack-option pgd.steps=50",
     )
     g.add_argument("--aa-version", dest="aa_version", help="standard (default), plus, rand")
     g.add_argument("--fmn-steps", dest="fmn_steps", type=int, help="FMN / HO-FMN steps (200)")
@@ -183,8 +221,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("certification (--certify; without --attacks no attack runs)")
     g.add_argument(
         "--certify",
-        help="comma-separated: ibp, crown-ibp, crown (verified accuracy at --eps, L∞), "
-        "smoothing (certified accuracy at L2 radii)",
+        help=f"comma-separated: {', '.join(list_attacks(kind='certified'))} (ibp, crown-ibp, "
+        "crown: verified accuracy at --eps, L∞; smoothing: certified accuracy at L2 radii)",
     )
     g.add_argument(
         "--sigma", type=float, help="smoothing noise std (default: the training sigma, or 0.25)"
@@ -199,7 +237,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``advprune``."""
-    from advprune import __version__
+    from advprune._version import __version__
 
     parser = _Parser(
         prog="advprune",
@@ -226,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="train a pruned checkpoint (its method's finetune stage)")
     p.add_argument("--checkpoint", help="pruned checkpoint (required)")
+    p.add_argument(
+        "--stage",
+        dest="stage",
+        help="the method's stage to run (default finetune; any stage after prune that trains)",
+    )
     _add_common(p, training=True)
 
     p = sub.add_parser(
@@ -264,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NOT_CONFIG = {"command", "config", "as_json", "path"}
+_NOT_CONFIG = {"command", "config", "as_json", "path", "stage"}
 
 
 def _run_config(args: argparse.Namespace, base: dict[str, Any] | None = None):
@@ -301,7 +344,7 @@ def _print_json(data: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from advprune import workflow as wf
+    from advprune import pipeline as wf
 
     cfg = _run_config(args)
     _check_out(cfg)
@@ -310,14 +353,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if card and card.get("masks"):
         raise AdvpruneError(f"{cfg.checkpoint} is pruned; use `advprune finetune` for it")
     out = Path(cfg.out)
-    model, card = wf.train_stage(cfg, data, model, out=out)
+    model, card = wf.train_stage(cfg, data, model, out=out)  # the dense pretrain stage
     metrics = wf.evaluate(cfg, data, model)
     _print_summary("train", out / wf.MODEL_FILE, metrics)
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from advprune import workflow as wf
+    from advprune import pipeline as wf
     from advprune.sparsity import sparsity_report
 
     if args.method_options:
@@ -332,7 +375,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if card and card.get("masks"):
         raise AdvpruneError(f"{cfg.checkpoint} is already pruned; prune its dense parent")
     out = Path(cfg.out)
-    pruned, _ = wf.prune_stage(cfg, data, model, out=out)
+    pruned, _ = wf.run_stage("prune", cfg, data, model, out=out)
     report = sparsity_report(pruned, tuple(data.splits.info.input_shape))
     print(report.format())
     print(f"saved {out / wf.MODEL_FILE}")
@@ -340,22 +383,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from advprune import workflow as wf
+    from advprune import pipeline as wf
 
     cfg = _run_config(args)
     _require_checkpoint(cfg, "finetune")
     _check_out(cfg)
+    stage = args.stage or "finetune"
     data = wf.prepare_data(cfg)
     model, card = wf.build_model(cfg, data)
     out = Path(cfg.out)
-    model, _ = wf.finetune_stage(cfg, data, model, card or {}, out=out)
+    model, _ = wf.run_stage(stage, cfg, data, model, card, out=out)
     metrics = wf.evaluate(cfg, data, model)
-    _print_summary("finetune", out / wf.MODEL_FILE, metrics)
+    _print_summary(stage, out / wf.MODEL_FILE, metrics)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from advprune import workflow as wf
+    from advprune import pipeline as wf
     from advprune.bench.keys import card_key_parts
     from advprune.evaluation import DEFAULT_ATTACKS, evaluate, parse_attacks
     from advprune.sparsity import sparsity_report
@@ -378,6 +422,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     attacks = parse_attacks(attacks_text or ",".join(DEFAULT_ATTACKS)) if run_attacks else []
     certifiers = _certifiers(certify, cert_opts) if certify is not None else None
     options = {k: v for k, v in extra.items() if v is not None}
+    if options.get("attack_options"):  # [("pgd.steps", 50), ...] -> {"pgd": {"steps": 50}}
+        by_attack: dict[str, dict[str, Any]] = {}
+        for key, value in options["attack_options"]:
+            attack, sep, name = key.partition(".")
+            if not sep or not name:
+                raise AdvpruneError(f"--attack-option needs ATTACK.KEY=VALUE, got {key!r}")
+            by_attack.setdefault(attack, {})[name] = value
+        options["attack_options"] = by_attack
     data = wf.prepare_data(cfg, with_val=False)
     model, card = wf.build_model(cfg, data)
     shape = tuple(data.splits.info.input_shape)
@@ -392,7 +444,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model_info["key_parts"] = card_key_parts(card, model_info["measured_sparsity"])
     out = cfg.out if "out" in cfg.model_fields_set else None
     if certifiers is not None:  # unsupported layers, sigma, eps: refused before any attack
-        from advprune.certify.evaluate import check_certifiers
+        from advprune.evaluation.certifiers import check_certifiers
 
         opts = _certify_settings(cfg, card, certifiers)
         check_certifiers(model, shape, opts["methods"], eps=opts["eps"], norm=opts["norm"],
@@ -433,23 +485,15 @@ def _show_report(args: argparse.Namespace, report: Any, out: str | None, files: 
 
 def _certifiers(text: str, opts: dict[str, Any]) -> dict[str, Any]:
     """Parse ``--certify`` and the smoothing settings (checked before any data is read)."""
-    from advprune.certify.evaluate import parse_certifiers, parse_radii
-    from advprune.certify.smoothing import check_alpha, check_sample_counts
+    from advprune.evaluation.certifiers import certifier_settings
 
-    names = parse_certifiers(text)
-    settings: dict[str, Any] = {"methods": names, "radii": parse_radii(opts.get("radii"))}
-    settings["n0"] = 100 if opts.get("n0") is None else opts["n0"]
-    settings["samples"] = 10_000 if opts.get("smoothing_n") is None else opts["smoothing_n"]
-    settings["alpha"] = check_alpha(0.001 if opts.get("alpha") is None else opts["alpha"])
-    if "smoothing" in names:
-        check_sample_counts(settings["samples"], settings["alpha"], settings["n0"])
-    return settings
+    return certifier_settings(text, **opts)
 
 
 def _certify_settings(cfg: Any, card: dict[str, Any] | None, certifiers: dict[str, Any]):
-    """Keyword arguments of :func:`advprune.certify.evaluate.certified_entries` but the model
+    """Keyword arguments of :func:`advprune.evaluation.certifiers.certified_entries` but the model
     and data; sigma defaults to the one the checkpoint was trained with (else 0.25)."""
-    from advprune import workflow as wf
+    from advprune import pipeline as wf
 
     sigma = cfg.sigma
     objective = (card or {}).get("objective") or {}
@@ -473,7 +517,7 @@ def _certify_settings(cfg: Any, card: dict[str, Any] | None, certifiers: dict[st
 
 
 def _certify_only(args, cfg, data, model, card, model_info, certifiers, out) -> int:
-    from advprune.certify.evaluate import certify_report
+    from advprune.evaluation.certifiers import certify_report
 
     info = data.splits.info
     report = certify_report(
@@ -490,19 +534,10 @@ def _certify_only(args, cfg, data, model, card, model_info, certifiers, out) -> 
 
 def _add_certified(report, cfg, data, model, card, certifiers, out) -> None:
     """Append the certified entries to a report of attacks (and rewrite it in ``out``)."""
-    from advprune.certify.evaluate import certified_entries, save_certified
+    from advprune.evaluation.certifiers import add_certified
 
-    entries, arrays = certified_entries(
-        model,
-        data.splits.test,
-        num_classes=data.splits.info.num_classes,
-        plot=Path(out) / "certified_accuracy" if out is not None else None,
-        **_certify_settings(cfg, card, certifiers),
-    )
-    for entry in entries:
-        report.add_entry(entry)
-    if out is not None:
-        save_certified(report, arrays, out)
+    add_certified(report, model, data.splits.test, num_classes=data.splits.info.num_classes,
+                  out=out, **_certify_settings(cfg, card, certifiers))  # fmt: skip
 
 
 def _print_certified(report: Any) -> None:
@@ -603,6 +638,13 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``advprune``; returns the exit status."""
+    from advprune.registry import load_plugins
+
+    try:  # plug-in modules named in $ADVPRUNE_PLUGINS register before the parser reads them
+        load_plugins()
+    except AdvpruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -8,17 +8,28 @@ exact fractions such as ``8/255``.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from advprune._validation import check_eps, check_norm, check_sparsity, parse_number
 from advprune.errors import ConfigError, UnknownNameError
 from advprune.progress import check_mode
+from advprune.training.trainer import TrainConfig
 
 # Default attack radius per dataset (L∞, input units). Digits are 8x8 images whose pixels take
 # the 17 values k/16: eps = 3/16 allows a change of three grey levels per pixel, small next to
@@ -27,7 +38,24 @@ DEFAULT_EPS = {"digits": "3/16", "cifar10": "8/255", "cifar100": "8/255", "svhn"
 FALLBACK_EPS = "8/255"
 
 
-class RunConfig(BaseModel):
+def _train_settings() -> type[BaseModel]:
+    """A pydantic model of :class:`~advprune.training.TrainConfig`'s fields (all but the
+    ones a run sets itself: ``seed``, ``select_by``): the one definition of the optimisation
+    settings, from which RunConfig's YAML keys and the CLI's flags come."""
+    hints = typing.get_type_hints(TrainConfig)
+    fields = {
+        f.name: (hints[f.name], f.default)
+        for f in dataclasses.fields(TrainConfig)
+        if not f.metadata.get("run")
+    }
+    return create_model("TrainSettings", **fields)
+
+
+TrainSettings = _train_settings()
+TRAIN_FIELDS: tuple[str, ...] = tuple(TrainSettings.model_fields)
+
+
+class RunConfig(TrainSettings):
     """Every setting of a train / prune / finetune / eval run.
 
     eps-like fields keep the user's text (``"8/255"``) for the record; use :meth:`eps_value`
@@ -64,15 +92,11 @@ class RunConfig(BaseModel):
     ramp_length: float | None = None  # None: the objective's (ibp / crown-ibp 0.5)
     bound: str = "crown-ibp"  # mixtrain's verifiable bound: ibp, crown-ibp, crown
     ver_subset: int | None = None  # mixtrain: points bounded per batch; None: 5
-    objective_options: dict[str, Any] = {}  # the objective's other options, e.g. {eta: 0.5}
-    # optimisation
-    epochs: int = 10
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    amp: bool = False
+    objective_options: dict[str, Any] = Field(
+        default_factory=dict
+    )  # the objective's other options, e.g. {eta: 0.5}
+    # optimisation: epochs, lr, momentum, weight_decay, nesterov, schedule, milestones, gamma,
+    # warmup_epochs, amp, grad_clip come from TrainConfig (TrainSettings)
     seed: int = 0
     # pruning
     method: str = "lwm"
@@ -83,7 +107,9 @@ class RunConfig(BaseModel):
     allocation_p: float | None = None  # p of the n^p allocation rule
     keep_first: bool = False
     keep_last: bool = False
-    method_options: dict[str, Any] = {}  # the method's own options, e.g. {freeze_bn: true}
+    method_options: dict[str, Any] = Field(
+        default_factory=dict
+    )  # the method's own options, e.g. {freeze_bn: true}
     # evaluation
     eval_steps: int = 20
     n: int | None = None
@@ -195,6 +221,17 @@ class RunConfig(BaseModel):
             if step <= 0:
                 raise ConfigError(f"step_size must be > 0, got {self.step_size}")
         return self
+
+    @model_validator(mode="after")
+    def _check_training(self) -> RunConfig:
+        self.train_config()  # TrainConfig's own checks (schedule, warm-up, milestones, ...)
+        return self
+
+    def train_config(self, **overrides: Any) -> TrainConfig:
+        """The :class:`~advprune.training.TrainConfig` of these settings (``overrides``:
+        ``select_by``, ...)."""
+        values = {name: getattr(self, name) for name in TRAIN_FIELDS}
+        return TrainConfig(**values, seed=self.seed, **overrides)
 
     def eps_text(self) -> str:
         """eps as written (or the dataset default), e.g. ``"8/255"``."""

@@ -18,17 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from advprune.config import RunConfig
-from advprune.progress import ProgressSetting, note
-from advprune.workflow import (
+from advprune.pipeline import (
     MODEL_FILE,
     build_model,
     evaluate,
-    finetune_stage,
+    make_method,
     prepare_data,
-    prune_stage,
-    train_stage,
+    run_stage,
     write_results,
 )
+from advprune.progress import ProgressSetting, note
 
 QUICKSTART = {
     "dataset": "digits",
@@ -85,15 +84,20 @@ def run_quickstart(
     t0 = time.perf_counter()
     model, _ = build_model(cfg, data)
     note(f"quickstart: PGD-AT pretraining of {cfg.model}, {pretrain_epochs} epochs", progress)
-    dense, _ = train_stage(cfg, data, model, out=out / "dense")
+    # the method's stages: the pretrain stage once, the others per sparsity (LWM's prune stage
+    # does not train: nothing is written for it)
+    stages = make_method(cfg).stages
+    dense, _ = run_stage(stages[0], cfg, data, model, out=out / "dense")
     rows = [_row(cfg, data, dense, "dense", 0.0, out / "dense" / MODEL_FILE)]
     for sparsity in sparsities:
         name = f"lwm-{round(sparsity * 100)}"
         pcfg = RunConfig(**base, epochs=finetune_epochs, sparsity=sparsity)
         note(f"quickstart: LWM to {name[4:]} % sparsity, then {finetune_epochs} epochs of PGD-AT "
              "finetuning", progress)  # fmt: skip
-        pruned, card = prune_stage(pcfg, data, dense, out=None)
-        tuned, _ = finetune_stage(pcfg, data, pruned, card, out=out / name)
+        tuned, card = dense, None
+        for stage in stages[1:]:
+            folder = out / name if stage == stages[-1] else None
+            tuned, card = run_stage(stage, pcfg, data, tuned, card, out=folder)
         rows.append(_row(pcfg, data, tuned, "lwm", sparsity, out / name / MODEL_FILE))
     for r in rows:
         r["seconds_total"] = round(time.perf_counter() - t0, 1)

@@ -116,7 +116,7 @@ def benchmark(
     out: str | Path,
     eps: str | None = None,
     norm: str = "linf",
-    attacks: tuple[str, ...] | list[str] = ("autoattack", "hofmn"),
+    attacks: tuple[str, ...] | list[str] | None = None,
     store: Any = None,
     normalization: Any = None,
     n: int | None = None,
@@ -139,14 +139,14 @@ def benchmark(
             with ``strict=True`` (else record it and go on).
         checkpoint: the checkpoint file evaluated, whose sha256 the submission records.
     """
-    from advprune import __version__
+    from advprune._version import __version__
     from advprune.bench.keys import parse_key
     from advprune.bench.store import ResultsStore
     from advprune.bench.taxonomy import taxonomy_entry
-    from advprune.checkpoint import sha256_file, write_json_atomic
     from advprune.config import DEFAULT_EPS, FALLBACK_EPS
     from advprune.errors import UnknownNameError
-    from advprune.evaluation import evaluate
+    from advprune.evaluation import DEFAULT_ATTACKS, evaluate
+    from advprune.io import sha256_file, write_json_atomic
 
     key = parse_key(model_key)
     info = getattr(data, "info", None)
@@ -177,7 +177,7 @@ def benchmark(
         data if data is not None else key.dataset_name,
         eps=eps,
         norm=norm,
-        attacks=attacks,
+        attacks=attacks if attacks is not None else DEFAULT_ATTACKS,
         n=n,
         out=out,
         progress=progress,

@@ -12,7 +12,10 @@ A grid file (YAML) names the jobs::
     datasets: [digits]                  # default: base.dataset
     structures: [unstructured]
     sparsities: {unstructured: [0.9, 0.95, 0.99]}
-    evaluation: {attacks: [autoattack, hofmn], eps: 3/16, n: null}
+    evaluation: {attacks: [autoattack, hofmn], eps: 3/16, n: null}   # certify: [ibp] too
+
+A method's other stages take their settings from ``methods.NAME.stages.STAGE``; every stage
+of the method runs through :func:`advprune.pipeline.run_method`, in the method's order.
 
 Each job runs in ``OUT/jobs/<model key>/``: ``prune/`` and ``finetune/`` (the method's
 stages), ``export/`` (the plain dense checkpoint) and ``eval/`` (the report; resumes per
@@ -31,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import subprocess
 import sys
@@ -40,7 +42,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from advprune._validation import first_validation_error
 from advprune.bench.keys import make_key
@@ -49,28 +59,56 @@ from advprune.progress import ProgressSetting, resolve
 
 __all__ = ["Grid", "Job", "jobs", "load_grid", "run_grid", "run_job"]
 
-DONE = "done"
-
 
 class MethodSpec(BaseModel):
-    """One method of a grid: its options and the settings of its prune / finetune stages."""
+    """One method of a grid: its options and the settings of its stages (``prune``,
+    ``finetune``, and in ``stages`` those of any other stage the method declares)."""
 
     model_config = ConfigDict(extra="forbid")
     options: dict[str, Any] = {}
     prune: dict[str, Any] = {}
     finetune: dict[str, Any] = {}
+    stages: dict[str, dict[str, Any]] = {}
+
+    def stage(self, name: str) -> dict[str, Any]:
+        """The settings of stage ``name``."""
+        if name in ("prune", "finetune"):
+            return {**self.stages.get(name, {}), **getattr(self, name)}
+        return dict(self.stages.get(name, {}))
+
+
+def default_attacks() -> tuple[str, ...]:
+    """The protocol's default attacks (:data:`advprune.evaluation.attacks.DEFAULT_ATTACKS`)."""
+    from advprune.evaluation.attacks import DEFAULT_ATTACKS
+
+    return DEFAULT_ATTACKS
 
 
 class EvaluationSpec(BaseModel):
     """How each job's final model is evaluated (``advprune.evaluation.evaluate``)."""
 
     model_config = ConfigDict(extra="forbid")
-    attacks: list[str] = ["autoattack", "hofmn"]
+    attacks: list[str] = Field(default_factory=lambda: list(default_attacks()))
     eps: str | None = None  # None: the base setting, else the dataset's default
     n: int | None = None
     batch_size: int = 128
     seed: int = 0
     options: dict[str, Any] = {}  # further evaluate() keywords (aa_version, hofmn_trials, ...)
+    certify: list[str] = []  # certifiers after the attacks (ibp, crown-ibp, crown, smoothing)
+    certify_options: dict[str, Any] = {}  # sigma, radii, n0, smoothing_n, alpha
+
+    @model_validator(mode="after")
+    def _certifiers(self) -> EvaluationSpec:
+        if self.certify:
+            from advprune.evaluation.certifiers import certifier_settings
+
+            opts = {k: v for k, v in self.certify_options.items() if k != "sigma"}
+            try:
+                certifier_settings(self.certify, **opts)
+            except TypeError:
+                valid = "sigma, radii, n0, smoothing_n, alpha"
+                raise ConfigError(f"certify_options: valid options: {valid}") from None
+        return self
 
     @field_validator("eps", mode="before")
     @classmethod
@@ -178,11 +216,18 @@ def load_grid(path: str | Path) -> Grid:
     missing = [s for s in grid.structures if s not in grid.sparsities]
     if missing:
         raise ConfigError(f"{path}: sparsities gives none for structure(s) {', '.join(missing)}")
-    from advprune.workflow import make_method
+    from advprune.pipeline import make_method
 
     for name, spec in grid.methods.items():  # every stage's settings must be valid RunConfigs
-        for stage in ("prune", "finetune"):
-            settings = {**getattr(spec, stage), "method": name, "method_options": spec.options}
+        stages = [s for s in method_class(name).stages if s != "pretrain"]
+        extra = sorted(set(spec.stages) - set(stages))
+        if extra:
+            raise ConfigError(
+                f"{path}: methods.{name}.stages: method {name!r} has no stage(s) "
+                f"{', '.join(extra)}; its stages: {', '.join(method_class(name).stages)}"
+            )
+        for stage in dict.fromkeys(["prune", "finetune", *stages]):
+            settings = {**spec.stage(stage), "method": name, "method_options": spec.options}
             try:
                 grid.config(**settings)
                 for structure in grid.structures:  # the method's options at every sparsity
@@ -249,47 +294,6 @@ def _locked(path: Path, *, wait: bool) -> Iterator[bool]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _settings(cfg: Any, **extra: Any) -> dict[str, Any]:
-    """What decides a stage's result: its RunConfig (without display / placement fields)."""
-    record = cfg.model_dump(mode="json", exclude={"progress", "out", "device"})
-    return json.loads(json.dumps({**record, **extra}, default=str))
-
-
-def _stage(folder: Path, name: str, settings: dict[str, Any], run: Any) -> Any:
-    """Reuse the finished stage in ``folder`` (its ``done`` marker holds the settings it ran
-    with), else run it; an interrupted training stage resumes from its last epoch.
-
-    Raises :class:`ConfigError` when the folder holds a finished stage of other settings (the
-    grid file changed), instead of silently storing a model the grid does not describe.
-    """
-    from advprune.checkpoint import load_checkpoint, write_json_atomic
-    from advprune.workflow import MODEL_FILE
-
-    marker = folder / DONE
-    if marker.exists():
-        try:
-            before = json.loads(marker.read_text())
-        except ValueError:
-            before = None
-        if before != settings:
-            changed = (
-                sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-                if isinstance(before, dict)
-                else ["unknown"]
-            )
-            raise ConfigError(
-                f"{folder} holds a finished {name} stage with other settings "
-                f"({', '.join(changed)} differ); remove it or use another --out"
-            )
-        result = load_checkpoint(folder / MODEL_FILE)
-    else:
-        result = run()
-        write_json_atomic(marker, settings)
-    if _crash_point() == f"after-{name}":
-        raise RuntimeError(f"ADVPRUNE_GRID_CRASH=after-{name} (test hook)")
-    return result
-
-
 def run_job(
     grid: Grid, job: Job, out: str | Path, store: str | Path, *, progress: ProgressSetting = True
 ):
@@ -301,15 +305,7 @@ def run_job(
     from advprune.bench.store import ResultsStore
     from advprune.checkpoint import export_checkpoint, load_checkpoint, read_card
     from advprune.evaluation import evaluate
-    from advprune.methods import method_class
-    from advprune.workflow import (
-        MODEL_FILE,
-        build_model,
-        finetune_stage,
-        prepare_data,
-        prune_stage,
-        train_stage,
-    )
+    from advprune.pipeline import MODEL_FILE, cached_stage, prepare_data, run_method
 
     if job.skip:
         raise ConfigError(f"job {job.index} ({job.key}) is not runnable: {job.skip}")
@@ -324,54 +320,43 @@ def run_job(
         structure=job.structure,
         method_options=spec.options,
     )
+    dense = f"{job.arch}_{job.dataset}"  # the dense model shared by the jobs of (arch, dataset)
+
+    def config_for(stage: str) -> Any:
+        if stage == "pretrain":
+            return grid.config(**{**place, **grid.pretrain})
+        return grid.config(**{**common, **spec.stage(stage)})
+
+    def folder_for(stage: str) -> Path:
+        return out / "dense" / dense if stage == "pretrain" else folder / stage
+
+    def lock_for(stage: str) -> Any:
+        if stage == "pretrain":
+            return _locked(out / "dense" / f"{dense}.lock", wait=True)
+        return contextlib.nullcontext()
+
+    def after_stage(stage: str) -> None:
+        if _crash_point() == f"after-{stage}":
+            raise RuntimeError(f"ADVPRUNE_GRID_CRASH=after-{stage} (test hook)")
+
     with _locked(out / "jobs" / f"{job.key}.lock", wait=False) as mine:
         if not mine:
             raise ConfigError(f"job {job.index} ({job.key}) is running in another process")
-        pcfg = grid.config(**{**common, **spec.prune})
-        data = prepare_data(pcfg)
-        cls = method_class(job.method)
-        if "pretrain" in cls.stages:  # the dense model shared by the jobs of (arch, dataset)
-            dense_dir = out / "dense" / f"{job.arch}_{job.dataset}"
-            dcfg = grid.config(**{**place, **grid.pretrain})
-            with _locked(out / "dense" / f"{job.arch}_{job.dataset}.lock", wait=True):
-
-                def pretrain():
-                    fresh, _ = build_model(dcfg, data)
-                    return train_stage(dcfg, prepare_data(dcfg), fresh, out=dense_dir)
-
-                start, _ = _stage(dense_dir, "pretrain", _settings(dcfg), pretrain)
-            origin = read_card(dense_dir / MODEL_FILE)["tensors"]["sha256"]
-        else:  # methods that prune at initialisation start from a fresh (seeded) network
-            start, _ = build_model(pcfg, data)
-            origin = "fresh"
-        model, card = _stage(
-            folder / "prune",
-            "prune",
-            _settings(pcfg, start=origin),
-            lambda: prune_stage(pcfg, data, start, out=folder / "prune"),
+        data = prepare_data(config_for("prune"))
+        _, _, final = run_method(
+            config_for, folder_for, data=data, lock_for=lock_for, after_stage=after_stage
         )
-        final = folder / "prune" / MODEL_FILE
-        fcfg = grid.config(**{**common, **spec.finetune})
-        if "finetune" in cls.stages and fcfg.epochs > 0:
-            _stage(
-                folder / "finetune",
-                "finetune",
-                _settings(fcfg, start=read_card(final)["tensors"]["sha256"]),
-                lambda: finetune_stage(
-                    fcfg, prepare_data(fcfg), model, card, out=folder / "finetune"
-                ),
-            )
-            final = folder / "finetune" / MODEL_FILE
         source = read_card(final)["tensors"]["sha256"]
         exported = folder / "export" / MODEL_FILE
 
         def export():
             return load_checkpoint(export_checkpoint(final, exported))
 
-        model, card = _stage(folder / "export", "export", {"source": source}, export)
+        model, card = cached_stage(folder / "export", "export", {"source": source}, export)
+        after_stage("export")
         ev = grid.evaluation
         ecfg = grid.config(**common)
-        evaluate(
+        report = evaluate(
             model,
             data.splits,
             eps=ev.eps or ecfg.eps_text(),
@@ -392,6 +377,17 @@ def run_job(
             },
             **ev.options,
         )
+        if ev.certify:  # certified entries join the same report (and the store)
+            from advprune.evaluation.certifiers import add_certified, certifier_settings
+
+            opts = dict(ev.certify_options)
+            sigma = opts.pop("sigma", 0.25)
+            add_certified(
+                report, model, data.splits.test, out=folder / "eval",
+                num_classes=data.splits.info.num_classes, eps=ev.eps or ecfg.eps_text(),
+                norm=ecfg.norm, n=ev.n, sigma=sigma, batch_size=ev.batch_size, seed=ev.seed,
+                progress=progress, **certifier_settings(ev.certify, **opts),
+            )  # fmt: skip
         return ResultsStore(store).add_report(folder / "eval" / "report.json", job.key)
 
 

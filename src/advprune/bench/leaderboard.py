@@ -462,7 +462,7 @@ def write_html(board: Board, path: str | Path) -> Path:
 
 
 def _write_atomic(path: Path, text: str) -> Path:
-    from advprune.checkpoint import atomic_path
+    from advprune.io import atomic_path
 
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")

@@ -148,7 +148,7 @@ class StoredResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as strict JSON types (+-inf and nan as the strings the reports use)."""
-        from advprune.evaluation.report import _jsonable
+        from advprune.io import jsonable as _jsonable
 
         return _jsonable(asdict(self))
 
@@ -430,12 +430,12 @@ def _opt_float(value: float | None) -> float | None:
 
 
 def _dumps(obj: Any) -> str:
-    from advprune.evaluation.report import _jsonable
+    from advprune.io import jsonable as _jsonable
 
     return json.dumps(_jsonable(obj))
 
 
 def _loads(text: str) -> Any:
-    from advprune.evaluation.report import _from_jsonable
+    from advprune.io import from_jsonable as _from_jsonable
 
     return _from_jsonable(json.loads(text))

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from advprune._validation import first_validation_error
 from advprune.errors import ConfigError, UnknownNameError
+from advprune.methods.taxonomy import CODES, PIPELINE_FIELDS, check_classification
 
 __all__ = [
     "PIPELINE_FIELDS",
@@ -33,28 +34,12 @@ __all__ = [
     "taxonomy_entry",
 ]
 
-PIPELINE_FIELDS: dict[str, tuple[str, ...]] = {
-    "after": ("pretraining", "finetuning", "schedule"),
-    "before": ("pruning_step", "training_step", "schedule"),
-    "during": ("training_step",),
-}
-_TRAINING = {"AT", "NT", "KD", "CNI", "None", "n.s."}
-_CODES: dict[str, set[str]] = {
-    "pretraining": _TRAINING,
-    "finetuning": _TRAINING,
-    "pruning_step": _TRAINING,
-    "training_step": _TRAINING,
-    "schedule": {"1S", "IT", "n.s."},
-    "structures": {"S", "US"},
-    "scopes": {"L", "G", "n.s."},
-    "criterion": {"LWM", "SOLWM", "RELWM", "LIS", "HGM", "BCS"},
-}
 FILTERS = {
     "pipeline": set(PIPELINE_FIELDS),
-    "structure": _CODES["structures"],
-    "scope": _CODES["scopes"] - {"n.s."},
-    "schedule": _CODES["schedule"] - {"n.s."},
-    "criterion": _CODES["criterion"],
+    "structure": CODES["structures"],
+    "scope": CODES["scopes"] - {"n.s."},
+    "schedule": CODES["schedule"] - {"n.s."},
+    "criterion": CODES["criterion"],
 }
 
 
@@ -84,31 +69,6 @@ class TaxonomyEntry(BaseModel):
         check_classification(self.pipeline, self.model_dump())
         ModelKey(self.ap_key, "R18", "CIFAR10", "US", "90")  # the AP key must fit model keys
         return self
-
-
-def check_classification(pipeline: str, fields: dict[str, Any]) -> None:
-    """Check a classification against the schema: ``pipeline`` is after / before / during,
-    the fields of that pipeline (:data:`PIPELINE_FIELDS`) are given and no other pipeline's,
-    and every code is one of the legend's. Raises ``ValueError`` naming the field."""
-    if pipeline not in PIPELINE_FIELDS:
-        raise ValueError(f"pipeline {pipeline!r} is not one of {', '.join(PIPELINE_FIELDS)}")
-    own = PIPELINE_FIELDS[pipeline]
-    for name in {f for names in PIPELINE_FIELDS.values() for f in names}:
-        value = fields.get(name)
-        if name in own and value is None:
-            raise ValueError(f"pipeline {pipeline!r} needs the field {name!r}")
-        if name not in own and value is not None:
-            raise ValueError(f"field {name!r} is not one of pipeline {pipeline!r}")
-    for name, valid in _CODES.items():
-        value = fields.get(name)
-        codes = [value] if isinstance(value, str) else list(value or ())
-        if name in ("structures", "scopes", "schedule") and value is not None and not codes:
-            raise ValueError(f"{name} needs at least one code")
-        for code in codes:
-            if code not in valid:
-                raise ValueError(
-                    f"{name} code {code!r} is not in the legend ({', '.join(sorted(valid))})"
-                )
 
 
 @functools.cache
@@ -144,7 +104,7 @@ def _read(path: str | None) -> tuple[dict[str, str], tuple[TaxonomyEntry, ...]]:
     if dup:
         raise ConfigError(f"{where}: duplicate ap_key(s) {', '.join(dup)}")
     meanings = data.get("legend")
-    missing = sorted(set().union(*_CODES.values()) - set(meanings or {}))
+    missing = sorted(set().union(*CODES.values()) - set(meanings or {}))
     if missing:
         raise ConfigError(f"{where}: the legend does not expand {', '.join(missing)}")
     return {str(k): str(v) for k, v in meanings.items()}, tuple(entries)

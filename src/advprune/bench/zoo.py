@@ -201,7 +201,7 @@ def load_registry(registry: str | Path | None = None) -> dict[str, ZooEntry]:
 def _download(url: str, dest: Path, sha256: str, *, progress: ProgressSetting) -> None:
     """Stream ``url`` into a temporary file beside ``dest``; rename it onto ``dest`` only if its
     length and sha256 match. On any failure the temporary file is deleted."""
-    from advprune.checkpoint import atomic_path
+    from advprune.io import atomic_path
 
     digest, got, total = hashlib.sha256(), 0, None
     with atomic_path(dest) as tmp:
@@ -248,7 +248,7 @@ def fetch(
 ) -> Path:
     """The verified local tensor file of zoo model ``key`` (downloaded into the cache if its
     cached copy is missing or does not hash to the registry's sha256)."""
-    from advprune.checkpoint import sha256_file, write_json_atomic
+    from advprune.io import sha256_file, write_json_atomic
 
     entries = load_registry(registry)
     if key not in entries:

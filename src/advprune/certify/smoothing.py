@@ -368,6 +368,6 @@ def plot_certified_accuracy(
         curve = res.curve(radii)
         ax.step(curve["radius"], [100 * a for a in curve["certified_accuracy"]], where="post",
                 label=label)  # fmt: skip
-    from advprune.evaluation.curve import finish_accuracy_plot
+    from advprune.plotting import finish_accuracy_plot
 
     return finish_accuracy_plot(fig, ax, "L2 radius", "certified accuracy (%)", title, path)

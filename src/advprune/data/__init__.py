@@ -16,6 +16,7 @@ from advprune.data.datasets import (
     list_datasets,
     load_dataset,
     make_loader,
+    register_dataset,
     stratified_split,
 )
 from advprune.data.download import SOURCES, Source, download_and_extract
@@ -33,5 +34,6 @@ __all__ = [
     "list_datasets",
     "load_dataset",
     "make_loader",
+    "register_dataset",
     "stratified_split",
 ]

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from advprune.data import download as _download
 from advprune.errors import ConfigError, DataError, UnknownNameError
+from advprune.registry import Registry
 
 __all__ = [
     "DataSplits",
@@ -215,20 +216,21 @@ class ImageFolderDataset(Dataset):
 # --------------------------------------------------------------------------------------------
 
 _Loader = Callable[..., tuple[Dataset, Dataset, DatasetInfo]]
-_REGISTRY: dict[str, _Loader] = {}
+_REGISTRY: Registry[_Loader] = Registry("dataset")
 
 
-def _register(name: str) -> Callable[[_Loader], _Loader]:
-    def deco(fn: _Loader) -> _Loader:
-        _REGISTRY[name] = fn
-        return fn
+def register_dataset(name: str) -> Callable[[_Loader], _Loader]:
+    """Decorator registering ``loader(root, download, image_size) -> (train, test, info)``
+    under ``name`` (``root`` is a folder or None; see :func:`load_dataset`)."""
+    return _REGISTRY.register(name)
 
-    return deco
+
+_register = register_dataset
 
 
 def list_datasets() -> list[str]:
     """Names accepted by :func:`load_dataset`, sorted."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def default_data_root() -> Path:

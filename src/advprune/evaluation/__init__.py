@@ -7,6 +7,16 @@ checks, per-sample results and resumable runs.
 The CLI front end is ``advprune eval CHECKPOINT --attacks autoattack,hofmn --eps 8/255 --out DIR``.
 """
 
+from advprune.evaluation import certifiers  # noqa: F401  (registers the certifiers)
+from advprune.evaluation.attacks import (
+    ATTACKS,
+    EvalAttack,
+    attack_names,
+    create_attack,
+    list_attacks,
+    register_attack,
+    run_attack,
+)
 from advprune.evaluation.autoattack import (
     AA_ATTACKS,
     AA_VERSIONS,
@@ -29,22 +39,29 @@ from advprune.evaluation.runner import ATTACK_NAMES, DEFAULT_ATTACKS, evaluate, 
 __all__ = [
     "AA_ATTACKS",
     "AA_VERSIONS",
+    "ATTACKS",
     "ATTACK_NAMES",
     "DEFAULT_ATTACKS",
     "SEARCH_SPACE",
     "AutoAttackBatch",
     "Entry",
+    "EvalAttack",
     "Flag",
     "Probe",
     "Report",
     "TuningResult",
+    "attack_names",
     "autoattack_attacks",
+    "create_attack",
     "default_eps_grid",
     "evaluate",
+    "list_attacks",
     "load_report",
     "parse_attacks",
     "plot_security_curve",
+    "register_attack",
     "robust_accuracy_at",
+    "run_attack",
     "run_autoattack",
     "run_probe",
     "save_figure",

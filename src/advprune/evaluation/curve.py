@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from advprune.errors import ConfigError
+from advprune.plotting import finish_accuracy_plot, save_figure
 
 __all__ = [
     "default_eps_grid",
@@ -134,37 +135,3 @@ def plot_security_curve(
     return finish_accuracy_plot(
         fig, ax, f"eps ({norm})" if norm else "eps", "robust accuracy (%)", title, path
     )
-
-
-def finish_accuracy_plot(
-    fig: Any, ax: Any, xlabel: str, ylabel: str, title: str | None, path: str | Path | None
-) -> Any:
-    """Label and style an accuracy-versus-radius plot (0-100 %, from 0), save it as PNG + SVG
-    when ``path`` is given, and return the figure (security and certified-accuracy curves)."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 100)
-    ax.set_xlim(left=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    if path is not None:
-        save_figure(fig, path)
-    return fig
-
-
-def save_figure(fig: Any, path: str | Path) -> list[Path]:
-    """Save a matplotlib figure as ``path`` with suffixes ``.png`` (150 dpi) and ``.svg``,
-    each written atomically; returns the two paths."""
-    from advprune.checkpoint import atomic_path
-
-    base = Path(path).with_suffix("")
-    written = []
-    for suffix in (".png", ".svg"):
-        target = base.with_suffix(suffix)
-        with atomic_path(target) as tmp, open(tmp, "wb") as fh:
-            fig.savefig(fh, format=suffix[1:], dpi=150)
-        written.append(target)
-    return written

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from advprune.attacks.fmn import FMN, FMN_LOSSES, FMN_OPTIMIZERS
 from advprune.attacks.pgd import model_mode_scope
-from advprune.checkpoint import write_json_atomic
 from advprune.errors import ConfigError
+from advprune.io import check_same_settings, write_json_atomic
 from advprune.progress import ProgressSetting
 from advprune.progress import progress as progress_of
 
@@ -113,16 +113,7 @@ def _load_trials(path: Path | None, settings: dict[str, Any]) -> list[dict[str, 
         ) from None
     if not isinstance(study, dict) or study.get("format") != STUDY_FORMAT:
         raise ConfigError(f"{path} is not an advprune HO-FMN study; delete it to start over")
-    if study.get("settings") != settings:
-        changed = sorted(
-            k
-            for k in set(settings) | set(study.get("settings") or {})
-            if (study.get("settings") or {}).get(k) != settings.get(k)
-        )
-        raise ConfigError(
-            f"{path} holds an HO-FMN study with other settings ({', '.join(changed)} differ); "
-            "rerun with the same settings or pass a new --out folder"
-        )
+    check_same_settings(path, study.get("settings") or {}, settings, what="an HO-FMN study")
     return list(study.get("trials") or [])
 
 
@@ -239,6 +230,6 @@ def tune_fmn(
 
 
 def _study_json(settings: dict[str, Any], trials: list[dict[str, Any]]) -> dict[str, Any]:
-    from advprune.evaluation.report import _jsonable
+    from advprune.io import jsonable as _jsonable
 
     return _jsonable({"format": STUDY_FORMAT, "settings": settings, "trials": trials})

@@ -13,15 +13,14 @@ Any flag, on the report or on an entry, marks the whole report unreliable.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from advprune.checkpoint import write_json_atomic
 from advprune.errors import ConfigError
+from advprune.io import from_jsonable, jsonable, write_json_atomic
 
 __all__ = ["ENTRY_KINDS", "REPORT_FORMAT", "Entry", "Flag", "Report", "load_report"]
 
@@ -210,28 +209,6 @@ def load_report(path: str | Path) -> Report:
     return Report.from_dict(data)
 
 
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types; +-inf and nan become the strings "inf", "-inf", "nan" (valid JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    return obj
-
-
-_NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
-
-
-def _from_jsonable(obj: Any) -> Any:
-    """Inverse of :func:`_jsonable` (the strings "inf", "-inf", "nan" become floats)."""
-    if isinstance(obj, dict):
-        return {k: _from_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_from_jsonable(v) for v in obj]
-    if isinstance(obj, str) and obj in _NON_FINITE:
-        return _NON_FINITE[obj]
-    return obj
+# JSON helpers live in the io layer (kept under their old names for callers)
+_jsonable = jsonable
+_from_jsonable = from_jsonable

@@ -12,8 +12,6 @@ holding a run with other settings (or another model, or other data) is refused.
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import platform
 import time
 import zlib
@@ -28,43 +26,40 @@ import torch
 from torch import Tensor, nn
 
 from advprune._validation import check_eps, check_norm, check_unit_range
-from advprune.attacks.fmn import FMN, lp_distance
-from advprune.attacks.pgd import PGD, check_steps, model_mode_scope
-from advprune.checkpoint import atomic_path, write_json_atomic
+from advprune.attacks.pgd import check_steps, model_mode_scope
 from advprune.errors import ConfigError, DataError, UnknownNameError
-from advprune.evaluation.autoattack import (
-    AA_ATTACKS,
-    AA_VERSIONS,
-    autoattack_attacks,
-    ball_tolerance,
-    run_autoattack,
+from advprune.evaluation.attacks import (
+    ATTACKS,
+    DEFAULT_ATTACKS,
+    EvalAttack,
+    _HOFMNAttack,
+    attack_names,
+    create_attack,
 )
+from advprune.evaluation.autoattack import AA_VERSIONS
 from advprune.evaluation.checks import (
     SQUARE_THRESHOLD,
     forward_checks,
-    improvement_flag,
     model_flags,
     probe_flags,
     run_probe,
 )
 from advprune.evaluation.curve import default_eps_grid, plot_security_curve, security_curve
-from advprune.evaluation.hofmn import SEARCH_SPACE, tune_fmn
 from advprune.evaluation.report import Entry, Flag, Report
+from advprune.io import atomic_path, check_same_settings, read_json_record, write_json_atomic
 from advprune.progress import ProgressSetting, resolve
 from advprune.progress import progress as progress_of
 
 __all__ = ["ATTACK_NAMES", "DEFAULT_ATTACKS", "evaluate", "parse_attacks"]
 
-DEFAULT_ATTACKS = ("autoattack", "hofmn")
-ATTACK_NAMES: tuple[str, ...] = ("autoattack", "hofmn", "fmn", "pgd", *AA_ATTACKS)
-MIN_NORM = ("hofmn", "fmn")
+ATTACK_NAMES: tuple[str, ...] = attack_names()  # the shipped ones; attack_names() is current
 
 RUN_FILE = "eval_run.json"
 REPORT_FILE = "report.json"
 SAMPLES_FILE = "per_sample.npz"
 CURVE_FILE = "security_curve"  # .png and .svg
-STUDY_FILE = "hofmn_study.json"
-TUNED_FILE = "hofmn_config.json"
+STUDY_FILE = _HOFMNAttack.STUDY_FILE
+TUNED_FILE = _HOFMNAttack.TUNED_FILE
 
 
 def parse_attacks(attacks: str | Sequence[str]) -> tuple[str, ...]:
@@ -75,12 +70,12 @@ def parse_attacks(attacks: str | Sequence[str]) -> tuple[str, ...]:
         name = str(item).strip().lower()
         if not name:
             continue
-        if name not in ATTACK_NAMES:
-            raise UnknownNameError("attack", name, ATTACK_NAMES)
+        if name not in attack_names():
+            raise UnknownNameError("attack", name, attack_names())
         if name not in names:
             names.append(name)
     if not names:
-        raise ConfigError(f"no attack given; valid attacks: {', '.join(ATTACK_NAMES)}")
+        raise ConfigError(f"no attack given; valid attacks: {', '.join(attack_names())}")
     return tuple(names)
 
 
@@ -181,7 +176,7 @@ def _versions() -> dict[str, str]:
     import optuna
     import pyautoattack
 
-    from advprune import __version__
+    from advprune._version import __version__
 
     return {
         "advprune": __version__,
@@ -208,147 +203,21 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-# ------------------------------------------------------------------------------ attacks
-
-
-class _Attack:
-    """One attack of the protocol, run batch by batch (see :func:`evaluate`)."""
-
-    name: str
-    min_norm = False
-
-    def config(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def run_batch(self, model: nn.Module, x: Tensor, y: Tensor, seed: int) -> dict[str, Any]:
-        raise NotImplementedError
-
-
-class _AutoAttack(_Attack):
-    def __init__(self, name: str, eps: float, norm: str, version: str) -> None:
-        self.name, self.eps, self.norm, self.version = name, eps, norm, version
-        self.attacks = autoattack_attacks(version, None if name == "autoattack" else [name])
-
-    def config(self) -> dict[str, Any]:
-        import pyautoattack
-
-        return {
-            "name": self.name,
-            "library": f"pyautoattack {getattr(pyautoattack, '__version__', '?')}",
-            "version": self.version if self.name == "autoattack" else f"{self.version} settings",
-            "attacks": self.attacks,
-            "eps": self.eps,
-            "norm": self.norm,
-        }
-
-    def run_batch(self, model: nn.Module, x: Tensor, y: Tensor, seed: int) -> dict[str, Any]:
-        r = run_autoattack(
-            model, x, y, eps=self.eps, norm=self.norm, version=self.version,
-            attacks=self.attacks, seed=seed,
-        )  # fmt: skip
-        dist = lp_distance(r.x_adv - x, self.norm)
-        return {
-            "success": _np(r.success),
-            "distance": _np(torch.where(r.success, dist, math.inf)),
-            "own_success": _np(r.own_success),
-            "first_attack": _np(r.first_attack),
-            "outside_ball": _np(r.outside_ball),
-            "warnings": np.asarray(r.warnings, dtype=str),
-        }
-
-
-class _PGDAttack(_Attack):
-    name = "pgd"
-
-    def __init__(self, eps: float, norm: str, steps: int) -> None:
-        self.attack = PGD(eps=eps, steps=steps, norm=norm, model_mode="eval")
-
-    def config(self) -> dict[str, Any]:
-        return self.attack.config()
-
-    def run_batch(self, model: nn.Module, x: Tensor, y: Tensor, seed: int) -> dict[str, Any]:
-        torch.manual_seed(seed)
-        x_adv = self.attack(model, x, y)
-        with torch.no_grad():
-            correct = model(x).argmax(1) == y
-            broken = correct & (model(x_adv).argmax(1) != y)
-        dist = lp_distance(x_adv - x, self.attack.norm)
-        return {"success": _np(broken), "distance": _np(torch.where(broken, dist, math.inf))}
-
-
-class _FMNAttack(_Attack):
-    min_norm = True
-
-    def __init__(self, name: str, eps: float, config: dict[str, Any]) -> None:
-        self.name, self.eps = name, eps
-        self.attack = FMN.from_config(config)
-        self.tuning: dict[str, Any] | None = None
-
-    def config(self) -> dict[str, Any]:
-        cfg = self.attack.config()
-        if self.tuning is not None:
-            cfg["tuning"] = self.tuning
-        return cfg
-
-    def run_batch(self, model: nn.Module, x: Tensor, y: Tensor, seed: int) -> dict[str, Any]:
-        r = self.attack.run(model, x, y)
-        with torch.no_grad():
-            still = model(r.x_adv).argmax(1) != y
-        found = r.success
-        mismatch = found & ~still
-        distance = torch.where(mismatch, math.inf, r.distance)
-        hist = r.best_history.double()
-        steps = hist.shape[0] - 1
-        finite = torch.isfinite(hist)
-        first_step = torch.where(finite.any(0), finite.double().argmax(0), steps)
-        d_first = hist.gather(0, first_step.clamp(max=steps).unsqueeze(0)).squeeze(0)
-        d_90 = hist[int(0.9 * steps)]
-        return {
-            "success": _np(distance <= self.eps),
-            "distance": _np(distance),
-            "recheck_mismatch": _np(mismatch),
-            "distance_first": _np(d_first),
-            "distance_90": _np(torch.where(torch.isfinite(d_90), d_90, d_first)),
-        }
-
-
 # ------------------------------------------------------------------------------ the run
 
 
 def _check_same_run(out: Path, record: dict[str, Any]) -> None:
     path = out / RUN_FILE
-    if not path.exists():
-        if (out / "batches").exists() or (out / STUDY_FILE).exists():
-            raise ConfigError(
-                f"{out} holds evaluation results without {RUN_FILE}; pass a new --out folder"
-            )
-        return
-    try:
-        before = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise ConfigError(f"{path} is unreadable; pass a new --out folder") from None
-    changed = _changed_keys(before, record)
-    if changed:
+    if not path.exists() and ((out / "batches").exists() or (out / STUDY_FILE).exists()):
         raise ConfigError(
-            f"{out} holds an evaluation with other settings ({', '.join(changed)} differ); "
-            "rerun with the same settings to resume it, or pass a new --out folder"
+            f"{out} holds evaluation results without {RUN_FILE}; pass a new --out folder"
         )
-
-
-def _changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names of the entries that differ between two nested dicts."""
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            keys += _changed_keys(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            keys.append(f"{prefix}{k}")
-    return keys
+    before = read_json_record(path, what="evaluation settings", hint="pass a new --out folder")
+    check_same_settings(out, before, record, what="an evaluation")
 
 
 def _run_attack(
-    attack: _Attack,
+    attack: EvalAttack,
     model: nn.Module,
     data: _EvalData,
     *,
@@ -418,6 +287,7 @@ def evaluate(
     progress: ProgressSetting = False,
     model_info: dict[str, Any] | None = None,
     after_batch: Callable[[str, int], None] | None = None,
+    attack_options: dict[str, dict[str, Any]] | None = None,
 ) -> Report:
     """Evaluate the robustness of ``model`` (any ``nn.Module`` on inputs in [0, 1]).
 
@@ -451,6 +321,8 @@ def evaluate(
             off), see :mod:`advprune.progress`: a bar or a line per attack.
         model_info: extra description of the model recorded in the report (e.g. checkpoint).
         after_batch: ``after_batch(attack, batch)`` after each batch is saved (for tests).
+        attack_options: ``{attack: {option: value}}`` for any registered attack's typed
+            options (:mod:`advprune.evaluation.attacks`), e.g. a plug-in attack's.
 
     Returns:
         The :class:`Report`; ``report.samples`` holds the per-sample arrays: ``index``,
@@ -489,6 +361,8 @@ def evaluate(
         "check_n": check_n, "probe_steps": probe_steps, "curve_points": curve_points,
         "eps_grid": None if eps_grid is None else grid.tolist(),
     }  # fmt: skip
+    if attack_options:  # recorded only when given (the shipped attacks read the keys above)
+        settings["attack_options"] = {k: dict(v) for k, v in attack_options.items()}
     device = torch.device(device) if device is not None else _model_device(model)
     model = model.to(device)
     out_path = Path(out) if out is not None else None
@@ -500,6 +374,10 @@ def evaluate(
             "HO-FMN needs a tuning split apart from the evaluation points: pass a DataSplits or "
             "dataset name as data, or tune_data="
         )
+    for name in names:  # every attack's options, before any attack runs
+        cls = ATTACKS.get(name)
+        opts = {k: settings[key] for k, key in cls.settings_keys.items() if key in settings}
+        create_attack(name, eps_value, norm, {**opts, **(attack_options or {}).get(name, {})})
     total = ev.x.shape[0]
 
     record = {
@@ -559,7 +437,7 @@ def evaluate(
     flags += _square_flags(names, samples)
     samples["robust"] = robust
     curve = None
-    if any(m in MIN_NORM for m in names):
+    if any(ATTACKS.get(m).min_norm for m in names):
         # each sample's distance is the smallest adversarial perturbation ANY attack found
         # (every attack's example is evidence): a minimum-norm attack that is weaker than
         # AutoAttack at eps cannot make the curve claim more robustness than AutoAttack does
@@ -629,36 +507,15 @@ def _run_named(
 ) -> tuple[Entry, dict[str, np.ndarray]]:
     """Run attack ``name`` over the evaluation set; its entry and per-sample arrays."""
     eps, norm = settings["eps_value"], settings["norm"]
-    tuning_seconds = 0.0
-    attack: _Attack
-    if name == "pgd":
-        attack = _PGDAttack(eps, norm, settings["pgd_steps"])
-    elif name == "fmn":
-        attack = _FMNAttack(name, eps, FMN(norm=norm, steps=settings["fmn_steps"]).config())
-    elif name == "hofmn":
-        result = tune_fmn(
-            model, ev.tune, norm=norm, trials=settings["hofmn_trials"],
-            steps=settings["hofmn_tune_steps"], batch_size=settings["hofmn_tune_batch"],
-            seed=settings["seed"], study_path=out / STUDY_FILE if out is not None else None,
-            progress=progress, device=device,
-            on_trial=(lambda k: after_batch("hofmn-tuning", k)) if after_batch else None,
-        )  # fmt: skip
-        tuned = result.config(norm=norm, steps=settings["fmn_steps"])
-        tuning_seconds = result.seconds
-        attack = _FMNAttack(name, eps, tuned)
-        attack.tuning = {
-            "trials": settings["hofmn_trials"],
-            "steps": settings["hofmn_tune_steps"],
-            "batch_size": settings["hofmn_tune_batch"],
-            "objective": "median distance over the batch's correct points, failures +inf",
-            "best_trial": result.best_trial,
-            "best_value": result.best_value,
-            "search_space": SEARCH_SPACE,
-        }
-        if out is not None:
-            write_json_atomic(out / TUNED_FILE, attack.config())
-    else:
-        attack = _AutoAttack(name, eps, norm, settings["aa_version"])
+    cls = ATTACKS.get(name)
+    options = {k: settings[key] for k, key in cls.settings_keys.items() if key in settings}
+    options.update((settings.get("attack_options") or {}).get(name, {}))
+    attack = create_attack(name, eps, norm, options)
+    attack.prepare(
+        model,
+        {"settings": settings, "tune": ev.tune, "out": out, "progress": progress,
+         "device": device, "after_batch": after_batch},
+    )  # fmt: skip
     arrays, seconds = _run_attack(
         attack, model, ev, batch_size=settings["batch_size"], seed=settings["seed"],
         device=device, out=out, progress=progress, after_batch=after_batch,
@@ -666,115 +523,22 @@ def _run_named(
     success = arrays["success"] & correct
     distance = np.where(correct, arrays["distance"], 0.0)
     per_sample = {f"success_{name}": success, f"distance_{name}": distance}
-    flags: list[Flag] = []
     details: dict[str, Any] = {"broken": int(success.sum())}
-    if name == "hofmn":
-        details["tuning_seconds"] = tuning_seconds
+    flags = attack.entry_details(arrays, correct, per_sample, details)
     if attack.min_norm:
         robust_acc = float((distance > eps).mean())
-        per_sample[f"recheck_mismatch_{name}"] = arrays["recheck_mismatch"]
-        flags += _min_norm_flags(name, arrays, correct, distance)
-        found = distance[correct]
-        details.update(
-            median_distance=float(np.median(found)) if found.size else math.inf,
-            success_rate=float(np.isfinite(found).mean()) if found.size else 1.0,
-        )
     else:
         robust_acc = float((correct & ~success).mean())
-    if isinstance(attack, _AutoAttack):
-        flags += _autoattack_flags(name, attack.attacks, arrays, correct, per_sample, details)
     entry = Entry(
         name=name,
         kind="empirical",
         config=attack.config(),
-        seconds=seconds + tuning_seconds,
+        seconds=seconds + attack.tuning_seconds,
         robust_accuracy=robust_acc,
         flags=flags,
         details=details,
     )
     return entry, per_sample
-
-
-def _min_norm_flags(
-    name: str, arrays: dict[str, np.ndarray], correct: np.ndarray, distance: np.ndarray
-) -> list[Flag]:
-    flags = []
-    failed = int((correct & ~np.isfinite(distance)).sum())
-    if failed:
-        flags.append(
-            Flag(
-                "unbounded_attack_failed",
-                f"the minimum-norm attack found no adversarial example for {failed} of "
-                f"{int(correct.sum())} correctly classified points",
-                name,
-            )
-        )
-    mismatch = int(arrays["recheck_mismatch"].sum())
-    if mismatch:
-        flags.append(
-            Flag(
-                "recheck_mismatch",
-                f"{mismatch} adversarial examples were not misclassified on re-check",
-                name,
-            )
-        )
-    ok = correct & np.isfinite(distance)
-    total = float((arrays["distance_first"][ok] - distance[ok]).sum())
-    late = float((arrays["distance_90"][ok] - distance[ok]).sum())
-    flag = improvement_flag(total, late, name="distance_not_converged", what="the distances")
-    if flag:
-        flags.append(Flag(flag.name, flag.message, name))
-    return flags
-
-
-def _autoattack_flags(
-    name: str,
-    order: list[str],
-    arrays: dict[str, np.ndarray],
-    correct: np.ndarray,
-    per_sample: dict[str, np.ndarray],
-    details: dict[str, Any],
-) -> list[Flag]:
-    first = np.where(correct, arrays["first_attack"], -1)
-    own = arrays["own_success"] & correct
-    outside = arrays["outside_ball"] & correct
-    per_sample[f"{name}_first_attack"] = first
-    per_sample[f"{name}_own_success"] = own
-    per_sample[f"{name}_outside_ball"] = outside
-    per_sample[f"{name}_attacks"] = np.asarray(order, dtype=str)
-    after = {"clean": float(correct.mean())}
-    remaining = correct.copy()
-    for k, attack in enumerate(order):
-        remaining &= first != k
-        after[attack] = float(remaining.mean())
-    success = per_sample[f"success_{name}"]
-    details.update(
-        robust_accuracy_after=after,
-        own_robust_accuracy=float((correct & ~own).mean()),
-        warnings=[str(w) for w in arrays["warnings"]],
-    )
-    flags = []
-    mismatch = int((own != success).sum())
-    if mismatch:
-        flags.append(
-            Flag(
-                "autoattack_count_mismatch",
-                f"AutoAttack's own verdict differs from advprune's re-check on {mismatch} points "
-                f"(robust accuracy {100 * details['own_robust_accuracy']:.2f} % by its labels, "
-                f"{100 * float((correct & ~success).mean()):.2f} % re-checked)",
-                name,
-            )
-        )
-    if outside.any():
-        flags.append(
-            Flag(
-                "adversarial_outside_ball",
-                f"{int(outside.sum())} returned points were outside the eps ball or [0, 1] "
-                f"(beyond float tolerance {ball_tolerance(1.0):.1e}); projected and re-checked",
-                name,
-            )
-        )
-    return flags
 
 
 def _square_flags(names: Sequence[str], samples: dict[str, np.ndarray]) -> list[Flag]:

@@ -1,9 +1,7 @@
 """Pruning methods: plug-ins declaring their taxonomy entry and stages."""
 
 from advprune.methods.base import (
-    PIPELINES,
     Method,
-    Taxonomy,
     create_method,
     list_methods,
     method_class,
@@ -14,6 +12,7 @@ from advprune.methods.binary import BinarySubnet
 from advprune.methods.harp import HARP
 from advprune.methods.hydra import HYDRA, HydraMask
 from advprune.methods.lwm import LWM, IterativeLWM
+from advprune.methods.taxonomy import PIPELINES, Taxonomy
 
 __all__ = [
     "HARP",

@@ -20,86 +20,20 @@ How the workflow runs a method's ``prune`` stage (``advprune prune``, :func:`adv
 
 from __future__ import annotations
 
-import fnmatch
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from pydantic import create_model
 from torch import nn
 
 from advprune._validation import check_sparsity
-from advprune.errors import ConfigError, UnknownNameError
+from advprune.errors import ConfigError
+from advprune.methods.taxonomy import Taxonomy
+from advprune.registry import Options, Registry, parse_options
 from advprune.sparsity import GRANULARITIES, SCOPES
 from advprune.sparsity.allocation import allocate, check_allocation, check_allocation_params
 from advprune.training.trainer import Regularizer
-
-PIPELINES = ("after", "before", "during")  # APB: A (post-training), B (at init), D (in training)
-
-
-@dataclass(frozen=True)
-class Taxonomy:
-    """A method's classification in the Adversarial Pruning Benchmark (APB, arXiv 2409.01249),
-    in the codes of the benchmark's legend, as in :mod:`advprune.bench.taxonomy`'s data.
-
-    ``ap_key``: the AP key ``Name_CitationKey`` of the method's taxonomy entry;
-    ``pipeline``: when pruning happens relative to training (after / before / during);
-    ``schedule``: ``1S`` (one-shot) and / or ``IT`` (iterative); ``structures``: ``S`` / ``US``;
-    ``scopes``: ``L`` (local) / ``G`` (global); ``criterion``: ``LWM``, ``SOLWM``, ``RELWM``,
-    ``LIS``, ``HGM`` or ``BCS``; the pipeline's own fields: ``pretraining`` and ``finetuning``
-    (after), ``pruning_step`` and ``training_step`` (before), ``training_step`` (during), each
-    a tuple of training codes (``AT``, ``NT``, ``KD``, ``CNI``, ``None``, ``n.s.``).
-    ``description`` and ``reference`` are free text.
-
-    This is the paper's classification, not what advprune implements: the granularities and
-    scopes a method accepts are :attr:`Method.structures` and :attr:`Method.scopes`.
-    """
-
-    ap_key: str
-    pipeline: str
-    schedule: tuple[str, ...] | None
-    structures: tuple[str, ...]
-    scopes: tuple[str, ...]
-    criterion: str
-    pretraining: tuple[str, ...] | None = None
-    finetuning: tuple[str, ...] | None = None
-    pruning_step: tuple[str, ...] | None = None
-    training_step: tuple[str, ...] | None = None
-    description: str = ""
-    reference: str = ""
-
-    def __post_init__(self) -> None:
-        from advprune.bench.taxonomy import check_classification
-
-        try:
-            check_classification(self.pipeline, self.classification())
-        except ValueError as exc:
-            raise ValueError(f"taxonomy of {self.ap_key!r}: {exc}") from None
-
-    def classification(self) -> dict[str, Any]:
-        """The fields the benchmark's taxonomy data holds (no free text), as lists."""
-        out: dict[str, Any] = {"ap_key": self.ap_key, "pipeline": self.pipeline}
-        for name in (
-            "pretraining",
-            "finetuning",
-            "pruning_step",
-            "training_step",
-            "schedule",
-            "structures",
-            "scopes",
-        ):
-            value = getattr(self, name)
-            out[name] = None if value is None else list(value)
-        out["criterion"] = self.criterion
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able record (tuples as lists)."""
-        return {
-            **self.classification(),
-            "description": self.description,
-            "reference": self.reference,
-        }
 
 
 class Method(ABC):
@@ -122,7 +56,8 @@ class Method(ABC):
     scopes: ClassVar[tuple[str, ...]] = ("local",)  # scopes implemented
     stages: ClassVar[tuple[str, ...]]
     trains: ClassVar[Mapping[str, tuple[str, ...]]]
-    options: ClassVar[Mapping[str, Any]] = {}
+    Options: ClassVar[type[Options]] = Options  # the method's typed options (pydantic)
+    options: ClassVar[Mapping[str, Any]] = {}  # their defaults (set by register_method)
     default_allocation: ClassVar[str] = "uniform"  # layer allocation when none is given
     rounds: int = 1  # prune stage rounds (iterative methods override, e.g. from an option)
 
@@ -165,13 +100,7 @@ class Method(ABC):
                 f"method {self.name!r} does not support scope {scope!r}; "
                 f"it supports: {', '.join(self.scopes)}"
             )
-        unknown = set(options) - set(self.options)
-        if unknown:
-            valid = ", ".join(sorted(self.options)) or "none"
-            raise ConfigError(
-                f"unknown option(s) {', '.join(sorted(unknown))} for method {self.name!r}; "
-                f"valid options: {valid}"
-            )
+        parsed = parse_options(self.Options, options, f"method {self.name!r}")
         self.structure, self.scope = structure, scope
         self.layer_selection = {
             "keep_first": keep_first,
@@ -179,7 +108,7 @@ class Method(ABC):
             "include": list(include or []),
             "exclude": list(exclude or []),
         }
-        self.opts = {**self.options, **options}
+        self.opts: dict[str, Any] = parsed.model_dump()
 
     def layers(self, model: nn.Module) -> dict[str, nn.Module]:
         """The layers this method prunes in ``model``."""
@@ -226,6 +155,14 @@ class Method(ABC):
             )
         return tuple(self.trains.get(stage, ()))
 
+    def stage_kind(self, stage: str) -> str:
+        """What ``stage`` does in the pipeline (:mod:`advprune.pipeline`): ``pretrain`` (dense
+        training before pruning), ``prune`` (where :meth:`prune_round` runs) or ``train``
+        (masks fixed, :meth:`trainable` kinds train). Default: by name, ``pretrain`` and
+        ``prune`` are themselves and every other stage is ``train``; override it for a stage
+        sequence of another shape."""
+        return stage if stage in ("pretrain", "prune") else "train"
+
     def regularizer(self, stage: str) -> Regularizer | None:
         """Extra loss term for training ``stage`` (e.g. HARP's hinge loss); default none."""
         return None
@@ -233,7 +170,7 @@ class Method(ABC):
     @property
     def needs_pretrained(self) -> bool:
         """Whether the prune stage starts from a trained (``pretrain`` stage) model."""
-        return "pretrain" in self.stages
+        return any(self.stage_kind(s) == "pretrain" for s in self.stages)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Method:
@@ -266,13 +203,21 @@ class Method(ABC):
         }
 
 
-_METHODS: dict[str, type[Method]] = {}
+_METHODS: Registry[type[Method]] = Registry("method")
+
+
+def _options_model(cls: type[Method]) -> type[Options]:
+    """``cls.Options``, or for a method that declares only an ``options`` dict of defaults, a
+    model of those keys (values of the defaults' types)."""
+    if "Options" in cls.__dict__ or "options" not in cls.__dict__:
+        return cls.Options
+    fields: dict[str, Any] = {k: (type(v) if v is not None else Any, v) for k, v in
+                              cls.options.items()}  # fmt: skip
+    return create_model(f"{cls.__name__}Options", __base__=Options, **fields)
 
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator registering a method under ``cls.name``."""
-    if cls.name in _METHODS and _METHODS[cls.name] is not cls:
-        raise ValueError(f"method {cls.name!r} is already registered")
     bad = [s for s in cls.structures if s not in GRANULARITIES]
     bad += [s for s in cls.scopes if s not in SCOPES]
     if bad or not cls.structures or not cls.scopes:
@@ -283,20 +228,19 @@ def register_method(cls: type[Method]) -> type[Method]:
     for stage in cls.trains:
         if stage not in cls.stages:
             raise ValueError(f"{cls.__name__}.trains names unknown stage {stage!r}")
-    _METHODS[cls.name] = cls
-    return cls
+    cls.Options = _options_model(cls)
+    cls.options = {k: f.default for k, f in cls.Options.model_fields.items()}
+    return _METHODS.add(cls.name, cls)
 
 
 def list_methods(pattern: str = "*") -> list[str]:
     """Registered method names matching an fnmatch ``pattern``."""
-    return sorted(n for n in _METHODS if fnmatch.fnmatchcase(n, pattern))
+    return _METHODS.names(pattern)
 
 
 def method_class(name: str) -> type[Method]:
     """The class registered as ``name``."""
-    if name not in _METHODS:
-        raise UnknownNameError("method", name, list(_METHODS))
-    return _METHODS[name]
+    return _METHODS.get(name)
 
 
 def create_method(name: str, sparsity: float | str, **kwargs: Any) -> Method:

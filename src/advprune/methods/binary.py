@@ -16,19 +16,21 @@ with ``strict=True``.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from advprune.errors import ConfigError
 from advprune.methods.base import Method, Taxonomy, register_method
 from advprune.models import create
+from advprune.registry import Options
 from advprune.sparsity import ScoreMask, attach_mask, dense_weight, is_masked
 from advprune.sparsity.allocation import DEFAULT_NP_P
 from advprune.sparsity.masks import PRUNABLE_TYPES
 
-FAN_SCALE_MODES = ("none", "all", "except-last", "only-last")
+FAN_SCALE_MODES = ("none", "all", "except-last", "only-last")  # Options.score_fan_scale
 
 
 @torch.no_grad()
@@ -112,29 +114,16 @@ class BinarySubnet(Method):
     stages: ClassVar[tuple[str, ...]] = ("prune",)
     trains: ClassVar[dict[str, tuple[str, ...]]] = {"prune": ("scores",)}
     default_allocation: ClassVar[str] = "np"
-    options: ClassVar[dict[str, Any]] = {
-        "score_init_a": 0.01,
-        "score_fan_scale": "none",
-        "end_with_bn": True,
-    }
+
+    class Options(Options):
+        score_init_a: Annotated[float, Field(gt=0)] = 0.01  # scores start U(-a, a)
+        score_fan_scale: Literal["none", "all", "except-last", "only-last"] = "none"
+        end_with_bn: bool = True  # non-affine BatchNorm on the logits
 
     def __init__(self, sparsity: float | str, *args: Any, **kwargs: Any) -> None:
         super().__init__(sparsity, *args, **kwargs)
         if self.allocation == "np":  # record the paper's p when none is given
             self.allocation_params.setdefault("p", DEFAULT_NP_P)
-        o = self.opts
-        a = o["score_init_a"]
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0:
-            raise ConfigError(f"binary option score_init_a must be a number > 0, got {a!r}")
-        if o["score_fan_scale"] not in FAN_SCALE_MODES:
-            raise ConfigError(
-                f"binary option score_fan_scale must be one of {', '.join(FAN_SCALE_MODES)}, "
-                f"got {o['score_fan_scale']!r}"
-            )
-        if not isinstance(o["end_with_bn"], bool):
-            raise ConfigError(
-                f"binary option end_with_bn must be true or false, got {o['end_with_bn']!r}"
-            )
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """The binary variant of ``model`` (signs of its weights; see :func:`binary_variant`)."""

@@ -30,23 +30,24 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from advprune.errors import ConfigError
 from advprune.methods.base import Method, Taxonomy, register_method
 from advprune.methods.hydra import scaled_scores
+from advprune.registry import Options
 from advprune.sparsity import (
-    ScoreMask,
+    RateMask,
     attach_mask,
     compact_shape,
     dense_weight,
+    kept_units,
     masked_modules,
-    register_mask_kind,
     sparsity_report,
-    topk_mask,
     unit_size,
 )
 from advprune.sparsity.masks import PRUNABLE_TYPES
@@ -55,12 +56,6 @@ from advprune.training import Regularizer
 LEARN = ("both", "rates", "scores")
 HW_LOSSES = ("params", "flops")
 _Q_EPS = 1e-3  # largest clamp of sigmoid(r) when inverting a density (density_rate)
-_CEIL_TOL = 1e-6  # a * n within this of an integer counts as that integer
-
-
-def rate_density(rate: torch.Tensor, a_min: torch.Tensor | float) -> torch.Tensor:
-    """The density map ``a = (1 - a_min) * sigmoid(rate) + a_min`` (differentiable)."""
-    return (1.0 - a_min) * torch.sigmoid(rate) + a_min
 
 
 def density_rate(density: float, a_min: float, units: int | None = None) -> float:
@@ -74,66 +69,6 @@ def density_rate(density: float, a_min: float, units: int | None = None) -> floa
     q = (density - a_min) / (1.0 - a_min)
     q = min(max(q, eps), 1.0 - eps)
     return math.log(q / (1.0 - q))
-
-
-def kept_units(density: float, units: int) -> int:
-    """``ceil(density * units)``, at least one and at most ``units``."""
-    return min(units, max(1, math.ceil(density * units - _CEIL_TOL)))
-
-
-class _RateTopK(torch.autograd.Function):
-    """Forward: the top ``ceil(a * n)`` mask of the scores. Backward: straight through to the
-    scores, and the sum of the mask gradients to the density ``a``."""
-
-    @staticmethod
-    def forward(ctx: Any, scores: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
-        n = scores.numel()
-        return topk_mask(scores, kept_units(float(density), n) / n)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return grad, grad.sum().to(torch.float64)
-
-
-@register_mask_kind
-class RateMask(ScoreMask):
-    """HARP's mask: a :class:`~advprune.sparsity.ScoreMask` whose fixed density is replaced by
-    a learnable scalar ``rate`` (``a = (1 - a_min) * sigmoid(rate) + a_min``).
-
-    ``rate`` is float64: the kept count ``ceil(a * n)`` jumps at integers, so the density must
-    not drift by float32 rounding. ``a_min`` is a buffer.
-    """
-
-    kind: ClassVar[str] = "harp"
-
-    def __init__(
-        self,
-        weight_shape: torch.Size | tuple[int, ...],
-        granularity: str = "unstructured",
-        a_min: float = 0.0,
-        rate: float = 0.0,
-        scores: torch.Tensor | None = None,
-    ) -> None:
-        super().__init__(weight_shape, granularity, 1.0, scores)
-        del self.target_density  # the rate gives the density
-        self.rate = nn.Parameter(torch.tensor(float(rate), dtype=torch.float64))
-        self.register_buffer("a_min", torch.tensor(float(a_min), dtype=torch.float64))
-
-    @property
-    def units(self) -> int:
-        """Number of maskable units (weights, or channels)."""
-        return self.scores.numel()
-
-    def layer_density(self) -> torch.Tensor:
-        """The rate's density ``a`` (a differentiable float64 scalar)."""
-        return rate_density(self.rate, self.a_min)
-
-    def kept(self) -> int:
-        """Units the mask keeps now: ``ceil(a * n)``."""
-        return kept_units(float(self.layer_density().detach()), self.units)
-
-    def compact_mask(self) -> torch.Tensor:
-        return _RateTopK.apply(self.scores.abs(), self.layer_density())
 
 
 def harp_masks(model: nn.Module) -> dict[str, RateMask]:
@@ -403,33 +338,17 @@ class HARP(Method):
         "prune": ("scores", "rates", "bn"),
         "finetune": ("weights", "bn"),
     }
-    options: ClassVar[dict[str, Any]] = {
-        "learn": "both",
-        "gamma0": 0.01,
-        "a_min_factor": 0.1,
-        "hw_loss": "params",
-        "freeze_bn": False,
-    }
+
+    class Options(Options):
+        learn: Literal["both", "rates", "scores"] = "both"  # HARP, HARP-r, HARP-S
+        gamma0: Annotated[float, Field(ge=0)] = 0.01  # hinge weight per epoch
+        a_min_factor: Annotated[float, Field(ge=0, lt=1)] = 0.1  # a_min / target density
+        hw_loss: Literal["params", "flops"] = "params"
+        freeze_bn: bool = False  # keep BatchNorm fixed while pruning
 
     def __init__(self, sparsity: float | str, *args: Any, **kwargs: Any) -> None:
         super().__init__(sparsity, *args, **kwargs)
         o = self.opts
-        if o["learn"] not in LEARN:
-            raise ConfigError(f"HARP option learn must be one of {', '.join(LEARN)}, "
-                              f"got {o['learn']!r}")  # fmt: skip
-        if o["hw_loss"] not in HW_LOSSES:
-            raise ConfigError(f"HARP option hw_loss must be one of {', '.join(HW_LOSSES)}, "
-                              f"got {o['hw_loss']!r}")  # fmt: skip
-        for key in ("gamma0", "a_min_factor"):
-            value = o[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"HARP option {key} must be a number >= 0, got {value!r}")
-        if o["a_min_factor"] >= 1:
-            raise ConfigError(f"HARP option a_min_factor must be < 1, got {o['a_min_factor']}")
-        if not isinstance(o["freeze_bn"], bool):
-            raise ConfigError(
-                f"HARP option freeze_bn must be true or false, got {o['freeze_bn']!r}"
-            )
         self.target_density = 1.0 - self.sparsity
         self.a_min = float(o["a_min_factor"]) * self.target_density
         self._costs: dict[str, LayerCost] | None = None

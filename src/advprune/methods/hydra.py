@@ -21,60 +21,16 @@ straight-through gradient reaches every score of a unit through that norm.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
-from advprune.errors import ConfigError
 from advprune.methods.base import Method, Taxonomy, register_method
-from advprune.sparsity import (
-    MaskBase,
-    attach_mask,
-    dense_weight,
-    register_mask_kind,
-    straight_through_topk,
-)
+from advprune.registry import Options
+from advprune.sparsity import HydraMask, attach_mask, dense_weight
 
-SCORE_INITS = ("scaled", "kaiming_normal", "kaiming_uniform")
-
-
-@register_mask_kind
-class HydraMask(MaskBase):
-    """Weight-shaped scores; the mask keeps the ``target_density`` fraction of units with the
-    largest ``|score|`` (unstructured) or L1 norm of ``|score|`` over the unit (structured)."""
-
-    kind: ClassVar[str] = "hydra"
-
-    def __init__(
-        self,
-        weight_shape: torch.Size | tuple[int, ...],
-        granularity: str = "unstructured",
-        density: float = 1.0,
-        scores: torch.Tensor | None = None,
-    ) -> None:
-        super().__init__(weight_shape, granularity)
-        if scores is None:
-            scores = torch.zeros(self.weight_shape)  # filled by load_state_dict
-        if tuple(scores.shape) != tuple(self.weight_shape):
-            raise ConfigError(
-                f"HYDRA scores of shape {tuple(scores.shape)}; expected the weight's "
-                f"{tuple(self.weight_shape)}"
-            )
-        self.scores = nn.Parameter(scores.detach().clone().float())
-        self.register_buffer("target_density", torch.tensor(float(density)))
-
-    def unit_scores(self) -> torch.Tensor:
-        """Importance of each mask unit (compact shape), differentiable in the scores."""
-        a = self.scores.abs()
-        if self.granularity == "unstructured":
-            return a
-        if self.granularity == "filters":
-            return a.flatten(1).sum(1)
-        return a.transpose(0, 1).flatten(1).sum(1)
-
-    def compact_mask(self) -> torch.Tensor:
-        return straight_through_topk(self.unit_scores(), float(self.target_density))
+SCORE_INITS = ("scaled", "kaiming_normal", "kaiming_uniform")  # HYDRA.Options.score_init
 
 
 def scaled_scores(weight: torch.Tensor) -> torch.Tensor:
@@ -120,19 +76,10 @@ class HYDRA(Method):
         "prune": ("scores", "bn"),
         "finetune": ("weights", "bn"),
     }
-    options: ClassVar[dict[str, Any]] = {"freeze_bn": False, "score_init": "scaled"}
 
-    def __init__(self, sparsity: float | str, **kwargs: Any) -> None:
-        super().__init__(sparsity, **kwargs)
-        if not isinstance(self.opts["freeze_bn"], bool):
-            raise ConfigError(
-                f"option freeze_bn must be true or false, got {self.opts['freeze_bn']!r}"
-            )
-        if self.opts["score_init"] not in SCORE_INITS:
-            raise ConfigError(
-                f"option score_init must be one of {', '.join(SCORE_INITS)}, "
-                f"got {self.opts['score_init']!r}"
-            )
+    class Options(Options):
+        freeze_bn: bool = False  # freeze BatchNorm affine parameters while the scores train
+        score_init: Literal["scaled", "kaiming_normal", "kaiming_uniform"] = "scaled"
 
     def trainable(self, stage: str) -> tuple[str, ...]:
         kinds = super().trainable(stage)

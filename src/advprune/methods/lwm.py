@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
+from pydantic import Field
 from torch import nn
 
-from advprune.errors import ConfigError
 from advprune.methods.base import Method, Taxonomy, register_method
+from advprune.registry import Options
 from advprune.sparsity import (
     FixedMask,
     attach_mask,
@@ -105,14 +106,13 @@ class IterativeLWM(LWM):
         "prune": ("weights", "bn"),
         "finetune": ("weights", "bn"),
     }
-    options: ClassVar[dict[str, Any]] = {"rounds": 4}
+
+    class Options(Options):
+        rounds: Annotated[int, Field(ge=1)] = 4  # pruning rounds of the cubic schedule
 
     def __init__(self, sparsity: float | str, **kwargs: Any) -> None:
         super().__init__(sparsity, **kwargs)
-        rounds = self.opts["rounds"]
-        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-            raise ConfigError(f"option rounds must be an integer >= 1, got {rounds!r}")
-        self.rounds = rounds
+        self.rounds = self.opts["rounds"]
 
     def round_sparsity(self, round_index: int) -> float:
         """Target sparsity after round ``round_index`` (cubic schedule, exact at the last)."""

@@ -8,7 +8,6 @@ can rebuild the same architecture.
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 import json
 from collections.abc import Callable, Mapping
@@ -20,6 +19,7 @@ from torch import nn
 
 from advprune.errors import ConfigError, UnknownNameError
 from advprune.models.layers import Normalize, Stats, as_float_tuple
+from advprune.registry import Registry, signature_options
 
 Factory = Callable[..., nn.Module]
 
@@ -30,7 +30,7 @@ class _Entry:
     input_size: tuple[int, int, int]
 
 
-_REGISTRY: dict[str, _Entry] = {}
+_REGISTRY: Registry[_Entry] = Registry("model")
 
 
 def register_model(
@@ -50,7 +50,7 @@ def register_model(
     def decorator(fn: Factory) -> Factory:
         if name in _REGISTRY:
             raise ConfigError(f"model {name!r} is already registered")
-        _REGISTRY[name] = _Entry(fn, (int(size[0]), int(size[1]), int(size[2])))
+        _REGISTRY.add(name, _Entry(fn, (int(size[0]), int(size[1]), int(size[2]))))
         return fn
 
     return decorator
@@ -58,13 +58,19 @@ def register_model(
 
 def list_models(pattern: str = "*") -> list[str]:
     """Sorted names of the registered models matching the fnmatch ``pattern``."""
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
+    return _REGISTRY.names(pattern)
 
 
 def _entry(name: str) -> _Entry:
-    if not isinstance(name, str) or name not in _REGISTRY:
+    if not isinstance(name, str):
         raise UnknownNameError("model", str(name), list_models())
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
+
+
+def model_options(name: str) -> type:
+    """The typed options of model ``name``: its factory's keyword arguments (a pydantic
+    model; the values are checked by :func:`create`)."""
+    return signature_options(_entry(name).fn, "model")
 
 
 def _check_positive_int(value: Any, what: str) -> int:

@@ -5,6 +5,10 @@
 pool after the last block), ``avgpool`` = AdaptiveAvgPool2d(2) and a 2048-256-256-classes MLP
 ``classifier``. Parameters at 10 classes (formula in :func:`vgg16`): 15,311,818.
 
+``vgg16_nobn`` is the same network without BatchNorm: HYDRA's / HARP's ``vgg16`` (their
+``vgg16_bn`` is advprune's ``vgg16``). Conv / ReLU per block, so its convolutions are
+``features.0, 2, 5, 7, 10, ...``, exactly HYDRA's key layout; 15,303,370 parameters at 10 classes.
+
 ``vgg16_bn`` is the classic ImageNet VGG-16-BN in torchvision's key layout (conv bias, five
 max-pools, AdaptiveAvgPool2d(7), 25088-4096-4096-classes classifier with dropout);
 138,365,992 parameters at 1000 classes.
@@ -24,8 +28,11 @@ VGG16_CFG: tuple[int | str, ...] = (
 )  # fmt: skip
 
 
-def make_features(cfg: tuple[int | str, ...], in_channels: int, conv_bias: bool) -> nn.Sequential:
-    """Conv(3×3, pad 1) / BatchNorm / ReLU per number, MaxPool2d(2) per ``"M"``."""
+def make_features(
+    cfg: tuple[int | str, ...], in_channels: int, conv_bias: bool, batch_norm: bool = True
+) -> nn.Sequential:
+    """Conv(3×3, pad 1) / BatchNorm / ReLU per number (no BatchNorm unless ``batch_norm``),
+    MaxPool2d(2) per ``"M"``."""
     layers: list[nn.Module] = []
     channels = in_channels
     for v in cfg:
@@ -33,11 +40,10 @@ def make_features(cfg: tuple[int | str, ...], in_channels: int, conv_bias: bool)
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
             assert isinstance(v, int)
-            layers += [
-                nn.Conv2d(channels, v, kernel_size=3, padding=1, bias=conv_bias),
-                nn.BatchNorm2d(v),
-                nn.ReLU(),
-            ]
+            layers.append(nn.Conv2d(channels, v, kernel_size=3, padding=1, bias=conv_bias))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(v))
+            layers.append(nn.ReLU())
             channels = v
     return nn.Sequential(*layers)
 
@@ -82,7 +88,18 @@ def vgg16(num_classes: int = 10, in_channels: int = 3) -> VGG:
     = 14,710,464; BatchNorm 2·(2·64 + 2·128 + 3·256 + 6·512) = 8,448; classifier
     2048·256+256 + 256·256+256 + 256·10+10 = 592,906.
     """
-    features = make_features(VGG16_CFG[:-1], in_channels, conv_bias=False)
+    return _cifar_vgg16(num_classes, in_channels, batch_norm=True)
+
+
+@register_model("vgg16_nobn")
+def vgg16_nobn(num_classes: int = 10, in_channels: int = 3) -> VGG:
+    """HYDRA's / HARP's BatchNorm-free CIFAR VGG-16 (their ``vgg16``); 15,303,370 parameters at
+    10 classes: :func:`vgg16`'s convolutions and classifier without its 8,448 BatchNorm ones."""
+    return _cifar_vgg16(num_classes, in_channels, batch_norm=False)
+
+
+def _cifar_vgg16(num_classes: int, in_channels: int, batch_norm: bool) -> VGG:
+    features = make_features(VGG16_CFG[:-1], in_channels, conv_bias=False, batch_norm=batch_norm)
     classifier = nn.Sequential(
         nn.Linear(512 * 2 * 2, 256),
         nn.ReLU(),

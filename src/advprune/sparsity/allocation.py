@@ -29,51 +29,100 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pydantic import ConfigDict, field_validator
 from torch import nn
 
 from advprune._validation import check_sparsity, parse_number
-from advprune.errors import ConfigError, UnknownNameError
+from advprune.errors import ConfigError
+from advprune.registry import Options, Registry, parse_options
 from advprune.sparsity.masks import check_granularity, compact_shape, unit_size
 from advprune.sparsity.pruning import allocate_densities, magnitude_importance
 
-ALLOCATIONS = ("uniform", "erk", "lamp", "global", "np")
 DEFAULT_NP_P = 0.1
-PARAMS: dict[str, tuple[str, ...]] = {"np": ("p",)}  # parameters each strategy takes
+
+
+class NPOptions(Options):
+    """Options of the n^p rule: a layer's density is proportional to ``n_l^(p - 1)``."""
+
+    model_config = ConfigDict(strict=False)
+    p: float = DEFAULT_NP_P
+
+    @field_validator("p", mode="before")
+    @classmethod
+    def _finite(cls, value: Any) -> float:
+        p = parse_number(value, "p")
+        if not math.isfinite(p):
+            raise ConfigError(f"allocation 'np' needs a finite p, got {value!r}")
+        return p
+
+
+@dataclass(frozen=True)
+class AllocationProblem:
+    """What a strategy allocates: the layers' names, (masked) weights and shapes, the weights
+    one mask unit controls (``sizes``), unit counts, the kept-weight ``budget``."""
+
+    names: list[str]
+    weights: dict[str, torch.Tensor]
+    shapes: list[tuple[int, ...]]
+    sizes: list[int]
+    counts: list[int]
+    units: list[int]
+    budget: int
+    sparsity: float
+    granularity: str
+
+    def from_ratios(self, ratios: list[float]) -> dict[str, float]:
+        """Densities proportional to ``ratios`` (capped at 1, at least one unit), meeting the
+        budget with whole units (water filling, then apportioning)."""
+        real = _water_fill(ratios, self.counts, self.sizes, self.budget)
+        kept = _apportion(real, self.units, self.sizes, self.budget)
+        return {n: k / u for n, k, u in zip(self.names, kept, self.units)}
+
+
+Strategy = Callable[..., dict[str, float]]
+ALLOCATIONS: Registry[Strategy] = Registry("allocation")
+
+
+def register_allocation(
+    name: str, options: type[Options] = Options
+) -> Callable[[Strategy], Strategy]:
+    """Decorator registering ``strategy(problem: AllocationProblem, options) -> densities``."""
+    return ALLOCATIONS.register(name, options=options)
 
 
 def list_allocations() -> list[str]:
     """Names of the allocation strategies."""
-    return sorted(ALLOCATIONS)
+    return ALLOCATIONS.names()
 
 
 def check_allocation(name: str) -> str:
     """Return ``name`` if it is an allocation strategy, else raise :class:`UnknownNameError`."""
-    if name not in ALLOCATIONS:
-        raise UnknownNameError("allocation", str(name), ALLOCATIONS)
+    ALLOCATIONS.get(name)
     return name
+
+
+def allocation_options(name: str) -> type[Options]:
+    """The typed parameters of allocation ``name`` (``p`` for ``np``)."""
+    return ALLOCATIONS.info(name).get("options", Options)
 
 
 def check_allocation_params(strategy: str, params: Mapping[str, Any]) -> dict[str, Any]:
     """Return ``params`` as a dict if ``strategy`` takes them all, else raise ConfigError."""
     if not isinstance(params, Mapping):
         raise ConfigError(f"allocation parameters must be a mapping, got {params!r}")
-    allowed = PARAMS.get(strategy, ())
-    unknown = sorted(set(params) - set(allowed))
+    options = allocation_options(strategy)
+    unknown = sorted(set(params) - set(options.model_fields))
     if unknown:
         raise ConfigError(
             f"unknown parameter(s) {', '.join(unknown)} for allocation {strategy!r}; "
-            f"valid: {', '.join(allowed) or 'none'}"
+            f"valid: {', '.join(options.model_fields) or 'none'}"
         )
-    out = dict(params)
-    if "p" in out:
-        p = parse_number(out["p"], "p")
-        if not math.isfinite(p):
-            raise ConfigError(f"allocation {strategy!r} needs a finite p, got {out['p']!r}")
-        out["p"] = p
-    return out
+    parsed = parse_options(options, params, f"allocation {strategy!r}")
+    return {k: v for k, v in parsed.model_dump().items() if k in params}
 
 
 def _erk_ratio(shape: tuple[int, ...]) -> float:
@@ -186,30 +235,72 @@ def allocate(
             f"{unit} per layer already keeps {floor} of {total} weights "
             f"(at most sparsity {1 - floor / total:.6f})"
         )
-    if strategy in ("global", "lamp"):
-        importance = {n: magnitude_importance(weights[n], granularity) for n in names}
-        if strategy == "lamp":
-            importance = {n: _lamp_scores(v) for n, v in importance.items()}
-        return allocate_densities(
-            importance, sparsity, scope="global", unit_sizes=dict(zip(names, sizes))
-        )
-    if strategy == "uniform":
-        ratios = [1.0] * len(names)
-    elif strategy == "erk":
-        ratios = [_erk_ratio(s) for s in shapes]
-    else:
-        p = float(check_allocation_params(strategy, params).get("p", DEFAULT_NP_P))
-        ratios = [_np_ratio(p)(s) for s in shapes]
-    units = [math.prod(compact_shape(s, granularity)) for s in shapes]
-    real = _water_fill(ratios, counts, sizes, budget)
-    kept = _apportion(real, units, sizes, budget)
-    return {n: k / u for n, k, u in zip(names, kept, units)}
+    problem = AllocationProblem(
+        names=names,
+        weights=weights,
+        shapes=shapes,
+        sizes=sizes,
+        counts=counts,
+        units=[math.prod(compact_shape(s, granularity)) for s in shapes],
+        budget=budget,
+        sparsity=sparsity,
+        granularity=granularity,
+    )
+    options = parse_options(allocation_options(strategy), params, f"allocation {strategy!r}")
+    return ALLOCATIONS.get(strategy)(problem, options)
+
+
+def _ranked(problem: AllocationProblem, lamp: bool) -> dict[str, float]:
+    importance = {
+        n: magnitude_importance(problem.weights[n], problem.granularity) for n in problem.names
+    }
+    if lamp:
+        importance = {n: _lamp_scores(v) for n, v in importance.items()}
+    return allocate_densities(
+        importance,
+        problem.sparsity,
+        scope="global",
+        unit_sizes=dict(zip(problem.names, problem.sizes)),
+    )
+
+
+@register_allocation("uniform")
+def _uniform(problem: AllocationProblem, options: Options) -> dict[str, float]:
+    """Every layer at the target (up to whole units)."""
+    return problem.from_ratios([1.0] * len(problem.names))
+
+
+@register_allocation("erk")
+def _erk(problem: AllocationProblem, options: Options) -> dict[str, float]:
+    """Erdős–Rényi-kernel: density proportional to ``sum(shape) / prod(shape)``."""
+    return problem.from_ratios([_erk_ratio(s) for s in problem.shapes])
+
+
+@register_allocation("np", NPOptions)
+def _np(problem: AllocationProblem, options: NPOptions) -> dict[str, float]:
+    """The n^p rule: density proportional to ``n_l^(p - 1)``."""
+    return problem.from_ratios([_np_ratio(options.p)(s) for s in problem.shapes])
+
+
+@register_allocation("global")
+def _global(problem: AllocationProblem, options: Options) -> dict[str, float]:
+    """One ranking of every unit by magnitude."""
+    return _ranked(problem, lamp=False)
+
+
+@register_allocation("lamp")
+def _lamp(problem: AllocationProblem, options: Options) -> dict[str, float]:
+    """One ranking of every unit by its LAMP score."""
+    return _ranked(problem, lamp=True)
 
 
 __all__ = [
     "ALLOCATIONS",
+    "AllocationProblem",
     "allocate",
+    "allocation_options",
     "check_allocation",
     "check_allocation_params",
     "list_allocations",
+    "register_allocation",
 ]

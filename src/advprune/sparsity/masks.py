@@ -8,14 +8,17 @@ in and removes the parametrisation again.
 Masks are stored *compactly*: one entry per weight (``unstructured``), per output channel
 (``filters``) or per input channel (``channels``), and broadcast onto the weight.
 
-Two mask sources ship here, each registered under a ``kind`` so that checkpoints can rebuild them:
+Every mask kind lives here, each registered under a ``kind`` so that checkpoints can rebuild
+them without importing the method that made them:
 
 - :class:`FixedMask` (``"fixed"``): a 0/1 buffer.
-- :class:`ScoreMask` (``"scores"``): learnable scores; the mask keeps the ``round(density * n)``
-  units with the largest ``|score|`` and passes the gradient straight through to the scores
-  (the HYDRA estimator).
+- :class:`ScoreMask` (``"scores"``): learnable scores; the mask keeps the units with the
+  largest ``|score|`` and passes the gradient straight through to the scores (the HYDRA
+  estimator). Its presets :class:`HydraMask` (``"hydra"``: weight-shaped scores) and
+  :class:`RateMask` (``"harp"``: a learnable layer rate instead of a fixed density) are the
+  same class with options set.
 
-Methods add their own kinds with :func:`register_mask_kind`.
+A new kind: subclass :class:`MaskBase` and decorate it with :func:`register_mask_kind`.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from advprune.errors import ConfigError, UnknownNameError
+from advprune.registry import Registry
 
 GRANULARITIES = ("unstructured", "filters", "channels")
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
-_MASK_KINDS: dict[str, type[MaskBase]] = {}
+_MASK_KINDS: Registry[type[MaskBase]] = Registry("mask kind")
 
 
 def check_granularity(granularity: str) -> str:
@@ -148,17 +152,23 @@ def register_mask_kind(cls: type[MaskBase]) -> type[MaskBase]:
     """Class decorator registering a mask kind so checkpoints can rebuild it."""
     if not cls.kind:
         raise ValueError(f"{cls.__name__} must set a non-empty `kind`")
-    if cls.kind in _MASK_KINDS and _MASK_KINDS[cls.kind] is not cls:
-        raise ValueError(f"mask kind {cls.kind!r} is already registered")
-    _MASK_KINDS[cls.kind] = cls
-    return cls
+    return _MASK_KINDS.add(cls.kind, cls)
 
 
 def mask_kind(kind: str) -> type[MaskBase]:
     """Look up a registered mask kind."""
-    if kind not in _MASK_KINDS:
-        raise UnknownNameError("mask kind", kind, list(_MASK_KINDS))
-    return _MASK_KINDS[kind]
+    return _MASK_KINDS.get(kind)
+
+
+def list_mask_kinds(pattern: str = "*") -> list[str]:
+    """Registered mask kinds (``fixed``, ``harp``, ``hydra``, ``scores``, ...)."""
+    return _MASK_KINDS.names(pattern)
+
+
+def create_mask(kind: str, weight_shape: torch.Size | tuple[int, ...], **kwargs: Any) -> MaskBase:
+    """An empty mask of ``kind`` for a weight of ``weight_shape`` (``kwargs``: the kind's own
+    arguments, e.g. ``granularity``, ``density``)."""
+    return mask_kind(kind)(weight_shape, **kwargs)
 
 
 @register_mask_kind
@@ -188,16 +198,51 @@ class FixedMask(MaskBase):
         return self.mask
 
 
+class _RateTopK(torch.autograd.Function):
+    """Forward: the top ``ceil(a * n)`` mask of the scores. Backward: straight through to the
+    scores, and the sum of the mask gradients to the density ``a``."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
+        n = scores.numel()
+        return topk_mask(scores, kept_units(float(density), n) / n)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, grad.sum().to(torch.float64)
+
+
+_CEIL_TOL = 1e-6  # a * n within this of an integer counts as that integer
+
+
+def kept_units(density: float, units: int) -> int:
+    """``ceil(density * units)``, at least one and at most ``units`` (a rate mask's count)."""
+    return min(units, max(1, math.ceil(density * units - _CEIL_TOL)))
+
+
+def rate_density(rate: torch.Tensor, a_min: torch.Tensor | float) -> torch.Tensor:
+    """The density map ``a = (1 - a_min) * sigmoid(rate) + a_min`` (differentiable)."""
+    return (1.0 - a_min) * torch.sigmoid(rate) + a_min
+
+
 @register_mask_kind
 class ScoreMask(MaskBase):
     """Top-k of learnable scores with a straight-through gradient (HYDRA's estimator).
 
-    ``scores`` has the compact shape; the mask keeps the ``round(density * n)`` units with the
-    largest ``|scores|``. ``density`` is the kept fraction of this layer (a buffer, so methods
-    such as HARP can replace it by a function of learnable rates in a subclass).
+    One concept with two options, each a registered kind so that checkpoints rebuild it:
+
+    - where the scores live: ``weight_shaped=False`` (default, kind ``scores``): one score per
+      mask unit (compact shape); ``weight_shaped=True`` (kind ``hydra``, :class:`HydraMask`):
+      scores of the weight's shape, a structured unit ranked by the L1 norm of its scores;
+    - where the density comes from: a fixed ``density`` (the buffer ``target_density``; the
+      mask keeps ``round(density * n)`` units) or, with ``rate`` given (kind ``harp``,
+      :class:`RateMask`), a learnable float64 scalar ``rate`` with
+      ``a = (1 - a_min) * sigmoid(rate) + a_min`` and ``ceil(a * n)`` units kept; the gradient
+      reaches the rate as the sum of the mask's gradients.
     """
 
     kind: ClassVar[str] = "scores"
+    WEIGHT_SHAPED: ClassVar[bool] = False  # the default of ``weight_shaped`` (presets set it)
 
     def __init__(
         self,
@@ -205,18 +250,92 @@ class ScoreMask(MaskBase):
         granularity: str = "unstructured",
         density: float = 1.0,
         scores: torch.Tensor | None = None,
+        *,
+        weight_shaped: bool | None = None,
+        rate: float | None = None,
+        a_min: float = 0.0,
     ) -> None:
         super().__init__(weight_shape, granularity)
-        shape = compact_shape(self.weight_shape, granularity)
-        if scores is None:
-            scores = torch.empty(shape).uniform_(-1.0, 1.0)
+        self.weight_shaped = self.WEIGHT_SHAPED if weight_shaped is None else bool(weight_shaped)
+        if self.weight_shaped:
+            shape = tuple(self.weight_shape)
+            if scores is None:
+                scores = torch.zeros(shape)  # filled by load_state_dict
+        else:
+            shape = compact_shape(self.weight_shape, granularity)
+            if scores is None:
+                scores = torch.empty(shape).uniform_(-1.0, 1.0)
         if tuple(scores.shape) != shape:
-            raise ConfigError(f"scores of shape {tuple(scores.shape)}; expected {shape}")
+            whose = "the weight's " if self.weight_shaped else ""
+            raise ConfigError(f"scores of shape {tuple(scores.shape)}; expected {whose}{shape}")
         self.scores = nn.Parameter(scores.detach().clone().float())
-        self.register_buffer("target_density", torch.tensor(float(density)))
+        self.rate: nn.Parameter | None = None
+        if rate is None:
+            self.register_buffer("target_density", torch.tensor(float(density)))
+        else:
+            # float64: the kept count ceil(a * n) jumps at integers, so the density must not
+            # drift by float32 rounding
+            self.rate = nn.Parameter(torch.tensor(float(rate), dtype=torch.float64))
+            self.register_buffer("a_min", torch.tensor(float(a_min), dtype=torch.float64))
+
+    @property
+    def units(self) -> int:
+        """Number of maskable units (weights, or filters / channels)."""
+        return math.prod(compact_shape(self.weight_shape, self.granularity))
+
+    def unit_scores(self) -> torch.Tensor:
+        """Importance of each mask unit (compact shape), differentiable in the scores."""
+        a = self.scores.abs()
+        if not self.weight_shaped or self.granularity == "unstructured":
+            return a
+        if self.granularity == "filters":
+            return a.flatten(1).sum(1)
+        return a.transpose(0, 1).flatten(1).sum(1)
+
+    def layer_density(self) -> torch.Tensor:
+        """The density the mask keeps: the rate's ``a`` (differentiable float64) or the
+        fixed ``target_density``."""
+        if self.rate is None:
+            return self.target_density
+        return rate_density(self.rate, self.a_min)
+
+    def kept(self) -> int:
+        """Units the mask keeps now."""
+        if self.rate is None:
+            return kept_count(self.units, float(self.target_density))
+        return kept_units(float(self.layer_density().detach()), self.units)
 
     def compact_mask(self) -> torch.Tensor:
-        return straight_through_topk(self.scores.abs(), float(self.target_density))
+        if self.rate is not None:
+            return _RateTopK.apply(self.unit_scores(), self.layer_density())
+        return straight_through_topk(self.unit_scores(), float(self.target_density))
+
+
+@register_mask_kind
+class HydraMask(ScoreMask):
+    """HYDRA's preset of :class:`ScoreMask`: weight-shaped scores, fixed density (kind
+    ``hydra``); structured units are ranked by the L1 norm of their scores."""
+
+    kind: ClassVar[str] = "hydra"
+    WEIGHT_SHAPED: ClassVar[bool] = True
+
+
+@register_mask_kind
+class RateMask(ScoreMask):
+    """HARP's preset of :class:`ScoreMask`: compact scores and a learnable float64 ``rate``
+    giving the density ``a = (1 - a_min) * sigmoid(rate) + a_min`` (kind ``harp``)."""
+
+    kind: ClassVar[str] = "harp"
+
+    def __init__(
+        self,
+        weight_shape: torch.Size | tuple[int, ...],
+        granularity: str = "unstructured",
+        a_min: float = 0.0,
+        rate: float = 0.0,
+        scores: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(weight_shape, granularity, 1.0, scores, rate=rate, a_min=a_min)
 
 
 def is_masked(module: nn.Module) -> bool:

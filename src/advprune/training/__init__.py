@@ -13,6 +13,8 @@ from advprune.training.objectives import (
     list_objectives,
     register_objective,
 )
+from advprune.training.optim import OPTIMIZERS, build_optimizer, register_optimizer
+from advprune.training.precision import PRECISIONS, Precision
 from advprune.training.trainer import (
     PARAM_KINDS,
     SCHEDULES,
@@ -29,7 +31,9 @@ from advprune.training.trainer import (
 
 __all__ = [
     "MART",
+    "OPTIMIZERS",
     "PARAM_KINDS",
+    "PRECISIONS",
     "SCHEDULES",
     "TRADES",
     "EpochResult",
@@ -39,9 +43,11 @@ __all__ = [
     "Objective",
     "ObjectiveOutput",
     "PGDTraining",
+    "Precision",
     "Regularizer",
     "TrainConfig",
     "Trainer",
+    "build_optimizer",
     "create_objective",
     "evaluate_accuracy",
     "list_objectives",
@@ -49,4 +55,5 @@ __all__ = [
     "lr_factor",
     "parameter_groups",
     "register_objective",
+    "register_optimizer",
 ]

@@ -21,7 +21,6 @@ method, which can be overridden (or replaced on an instance) to inject a fixed a
 
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple, TypeVar
@@ -43,7 +42,8 @@ from advprune.attacks.pgd import (
     projected_gradient_ascent,
     resolve_loss,
 )
-from advprune.errors import ConfigError, UnknownNameError
+from advprune.errors import ConfigError
+from advprune.registry import Options, Registry, signature_options
 
 __all__ = [
     "MART",
@@ -97,9 +97,21 @@ class Objective(ABC):
         return f"{type(self).__name__}({args})"
 
 
-_REGISTRY: dict[str, type[Objective]] = {}
+_REGISTRY: Registry[type[Objective]] = Registry("objective")
 
 _O = TypeVar("_O", bound=type[Objective])
+
+
+def _objectives() -> Registry[type[Objective]]:
+    # a view when a test swapped the module's registry for a plain dict copy
+    return _REGISTRY if isinstance(_REGISTRY, Registry) else Registry("objective", _REGISTRY)
+
+
+def objective_options(name: str) -> type[Options]:
+    """The typed options of objective ``name``: its constructor's keyword arguments, as a
+    pydantic model (their names are the YAML ``objective_options`` keys and the
+    ``--objective-option`` keys; the objective validates the values itself)."""
+    return signature_options(_objectives().get(str(name).strip().lower()), "objective")
 
 
 def register_objective(name: str) -> Callable[[_O], _O]:
@@ -111,11 +123,12 @@ def register_objective(name: str) -> Callable[[_O], _O]:
     key = str(name).strip().lower()
 
     def decorator(cls: _O) -> _O:
-        previous = _REGISTRY.get(key)
+        registry = _objectives()
+        previous = registry.get(key) if key in registry else None
         if previous is not None and previous.__qualname__ != cls.__qualname__:
             raise ConfigError(f"objective {key!r} is already registered to {previous.__name__}")
         cls.name = key
-        _REGISTRY[key] = cls
+        registry.add(key, cls, replace=True)
         return cls
 
     return decorator
@@ -123,7 +136,7 @@ def register_objective(name: str) -> Callable[[_O], _O]:
 
 def list_objectives() -> list[str]:
     """Sorted names of the registered objectives."""
-    return sorted(_REGISTRY)
+    return _objectives().names()
 
 
 def create_objective(name: str, **kwargs: Any) -> Objective:
@@ -134,14 +147,8 @@ def create_objective(name: str, **kwargs: Any) -> Objective:
         ConfigError: a keyword is not an argument of that objective, or a value is invalid.
     """
     key = str(name).strip().lower()
-    if key not in _REGISTRY:
-        raise UnknownNameError("objective", str(name), list_objectives())
-    cls = _REGISTRY[key]
-    params = [
-        p.name
-        for p in inspect.signature(cls.__init__).parameters.values()
-        if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]
+    cls = _objectives().get(key)
+    params = list(signature_options(cls, "objective").model_fields)
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
         valid = ", ".join(params) if params else "none"

@@ -11,7 +11,6 @@ state beyond seeding torch's RNG per epoch (so a resumed run replays the same ra
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,13 +21,16 @@ import torch
 from torch import nn
 
 from advprune._validation import check_unit_range
-from advprune.checkpoint import load_state, save_checkpoint, save_state, tensor_path
+from advprune.checkpoint import load_checkpoint, save_checkpoint
+from advprune.distributed import SINGLE, DistContext
 from advprune.errors import ConfigError, UnknownNameError
+from advprune.io import load_state, save_state, tensor_path
 from advprune.progress import Progress, ProgressSetting, note, progress, resolve
 from advprune.sparsity.masks import MaskBase
 from advprune.training.objectives import Objective
+from advprune.training.optim import SCHEDULES, build_optimizer, lr_factor
+from advprune.training.precision import Precision
 
-SCHEDULES = ("cosine", "step", "constant")
 PARAM_KINDS = ("weights", "scores", "rates", "bn")
 SELECT_BY = ("robust", "clean")
 
@@ -42,19 +44,22 @@ class TrainConfig:
     ``select_by`` picks the best checkpoint by robust (default) or clean validation accuracy.
     """
 
-    epochs: int = 10
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    schedule: str = "cosine"
-    milestones: tuple[float, ...] = (0.5, 0.75)
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    amp: bool = False
-    grad_clip: float | None = None
-    seed: int = 0
-    select_by: str = "robust"
+    # ``help`` is the CLI's; RunConfig (YAML) and the CLI flags are generated from these fields
+    epochs: int = field(default=10, metadata={"help": "training epochs of the stage"})
+    lr: float = field(default=0.1, metadata={"help": "learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay"})
+    nesterov: bool = field(default=False, metadata={"help": "Nesterov momentum"})
+    schedule: str = field(default="cosine", metadata={"help": "cosine (default), step, constant"})
+    milestones: tuple[float, ...] = field(
+        default=(0.5, 0.75), metadata={"help": "step schedule: fractions of epochs, e.g. 0.5,0.75"}
+    )
+    gamma: float = field(default=0.1, metadata={"help": "step schedule: lr factor per milestone"})
+    warmup_epochs: float = field(default=0.0, metadata={"help": "linear lr warm-up, in epochs"})
+    amp: bool = field(default=False, metadata={"help": "mixed precision (autocast)"})
+    grad_clip: float | None = field(default=None, metadata={"help": "clip the gradient norm"})
+    seed: int = field(default=0, metadata={"help": "seed", "run": True})
+    select_by: str = field(default="robust", metadata={"run": True})
 
     def __post_init__(self) -> None:
         if int(self.epochs) != self.epochs or self.epochs < 0:
@@ -68,23 +73,15 @@ class TrainConfig:
         if self.warmup_epochs < 0 or self.warmup_epochs > max(self.epochs, 0):
             raise ConfigError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
         self.milestones = tuple(float(m) for m in self.milestones)
+        if any(not 0 <= m <= 1 for m in self.milestones):
+            raise ConfigError(
+                f"milestones are fractions of epochs in [0, 1], got {self.milestones}"
+            )
+        if self.gamma < 0 or (self.grad_clip is not None and not self.grad_clip > 0):
+            raise ConfigError("gamma must be >= 0 and grad_clip > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def lr_factor(config: TrainConfig, progress: float) -> float:
-    """Learning-rate multiplier at ``progress`` epochs (fractional) into the stage."""
-    if config.warmup_epochs > 0 and progress < config.warmup_epochs:
-        return progress / config.warmup_epochs
-    if config.schedule == "constant" or config.epochs == 0:
-        return 1.0
-    if config.schedule == "step":
-        passed = sum(progress >= m * config.epochs for m in config.milestones)
-        return config.gamma**passed
-    span = max(config.epochs - config.warmup_epochs, 1e-12)
-    t = min(max(progress - config.warmup_epochs, 0.0) / span, 1.0)
-    return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def _param_kind(module: nn.Module, name: str) -> str:
@@ -285,6 +282,13 @@ class Trainer:
             per epoch with its figures.
         on_epoch_end: called with every epoch's :class:`EpochResult`.
         regularizer: a method's extra loss term and best-checkpoint rule (:class:`Regularizer`).
+        optimizer: the optimizer to step (its groups carry ``base_lr`` for the schedule, see
+            :func:`~advprune.training.optim.build_optimizer`); default: the one ``config``
+            describes, over ``param_groups``.
+        precision: :class:`~advprune.training.precision.Precision` (default: ``amp`` when
+            ``config.amp``, else fp32).
+        dist: the distributed context (default: one process); files are written on the main
+            process only and the epoch's counts are summed over every process.
     """
 
     def __init__(
@@ -305,8 +309,12 @@ class Trainer:
         progress: ProgressSetting = True,
         on_epoch_end: Callable[[EpochResult], None] | None = None,
         regularizer: Regularizer | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        precision: Precision | None = None,
+        dist: DistContext | None = None,
     ) -> None:
         self.config = config or TrainConfig()
+        self.dist = dist or SINGLE
         self.device = torch.device(device) if device is not None else _model_device(model)
         self.model = model.to(self.device)
         self.objective = objective
@@ -317,27 +325,21 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.card = dict(card or {})
         self.resume = resume
-        self.progress = resolve(progress)
+        self.progress = resolve(progress) if self.dist.is_main else "off"  # one rank reports
         self.on_epoch_end = on_epoch_end
         self.regularizer = regularizer
-        if param_groups is None:
-            params = [p for p in model.parameters() if p.requires_grad]
-            if not params:
-                raise ConfigError("the model has no trainable parameters")
-            param_groups = [{"params": params}]
-        cfg = self.config
-        self.optimizer = torch.optim.SGD(
-            [dict(g) for g in param_groups],
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            nesterov=cfg.nesterov and cfg.momentum > 0,
-        )
-        for group in self.optimizer.param_groups:
-            group["base_lr"] = group["lr"]
-        amp_on_cuda = cfg.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_on_cuda)
-        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        if optimizer is None:
+            if param_groups is None:
+                params = [p for p in model.parameters() if p.requires_grad]
+                if not params:
+                    raise ConfigError("the model has no trainable parameters")
+                param_groups = [{"params": params}]
+            optimizer = build_optimizer(param_groups, self.config)
+        for group in optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])
+        self.optimizer = optimizer
+        self.precision = precision or Precision.from_amp(self.config.amp)
+        self.scaler = self.precision.scaler(self.device)
 
     # ------------------------------------------------------------------ paths and state
     @property
@@ -351,6 +353,11 @@ class Trainer:
     @property
     def metrics_path(self) -> Path | None:
         return None if self.out_dir is None else self.out_dir / "metrics.jsonl"
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run's files (an ``out_dir``, main process)."""
+        return self.out_dir is not None and self.dist.is_main
 
     def _state(self, epoch: int, result: FitResult) -> dict[str, Any]:
         opt = self.optimizer.state_dict()
@@ -429,7 +436,7 @@ class Trainer:
             check_unit_range(x, "training inputs")
             if self.augment is not None:
                 x = self.augment(x)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=cfg.amp):
+            with self.precision.autocast(self.device):
                 out = self.objective(self.model, x, y)
                 extra = self.regularizer.loss(self.model) if self.regularizer else None
             loss = out.loss.float() if extra is None else out.loss.float() + extra.float()
@@ -450,6 +457,9 @@ class Trainer:
             correct += _accuracy(out.logits.detach(), y)
             seen += len(y)
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+        if self.dist.distributed:  # the epoch's figures over every process
+            sums = torch.tensor([total_loss, correct, seen], dtype=torch.float64)
+            total_loss, correct, seen = (float(v) for v in self.dist.reduce_sum(sums))
         if seen == 0:
             raise ConfigError("the training data is empty")
         return total_loss / seen, correct / seen, lr
@@ -463,7 +473,7 @@ class Trainer:
         """
         cfg = self.config
         result = FitResult()
-        if self.out_dir is not None:
+        if self.writes:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         start = self._try_resume(result)
         best_state: dict[str, torch.Tensor] | None = None
@@ -490,19 +500,19 @@ class Trainer:
             if ready and score is not None and better:
                 result.best_score, result.best_epoch, row.best = score, epoch, True
                 if self.best_path is not None:
-                    result.best_checkpoint = save_checkpoint(
-                        self.best_path, self.model, self._card(row)
-                    )
+                    result.best_checkpoint = self.best_path
+                    if self.dist.is_main:
+                        save_checkpoint(self.best_path, self.model, self._card(row))
                 else:
                     best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             row.seconds = time.perf_counter() - t0
             note(_epoch_line(row, cfg.epochs), self.progress)
             result.history.append(row)
-            if self.metrics_path is not None:
+            if self.writes:
                 with open(self.metrics_path, "a") as fh:
                     fh.write(json.dumps(asdict(row)) + "\n")
-            if self.last_path is not None:
                 save_state(self.last_path, self._state(epoch + 1, result))
+            self.dist.barrier()
             if self.on_epoch_end is not None:
                 self.on_epoch_end(row)
         if best_state is not None:
@@ -529,8 +539,6 @@ class Trainer:
 
 def load_best(trainer: Trainer) -> dict[str, Any] | None:
     """Load the best checkpoint's weights back into the trainer's model; return its card."""
-    from advprune.checkpoint import load_checkpoint
-
     if trainer.best_path is None or not tensor_path(trainer.best_path).exists():
         return None
     best, card = load_checkpoint(trainer.best_path, map_location=trainer.device)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from advprune.bench.commands.store import add_store_flag, store_path
+from advprune.evaluation.attacks import attacks_help
 from advprune.progress import add_progress_flag
 
 
@@ -19,7 +20,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
         "--key", required=True, help="model key, e.g. MYAP_Me2026Method_R18_CIFAR10_US_90"
     )
     p.add_argument("--out", required=True, help="output folder (report, distances, submission)")
-    p.add_argument("--attacks", default="autoattack,hofmn", help="comma-separated attacks")
+    p.add_argument("--attacks", help=attacks_help())
     p.add_argument("--eps", help="exact eps, e.g. 8/255 (default: the dataset's)")
     p.add_argument("--norm", default="linf")
     p.add_argument("--n", type=int, help="first N test points only (default: all)")

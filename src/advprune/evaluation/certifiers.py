@@ -39,29 +39,65 @@ from advprune.certify.smoothing import (
 )
 from advprune.certify.verify import verified_accuracy
 from advprune.errors import ConfigError, UnknownNameError
+from advprune.evaluation.attacks import ATTACKS, EvalAttack, list_attacks, register_attack
 from advprune.progress import ProgressSetting
 
 __all__ = [
     "CERTIFIERS",
+    "add_certified",
     "certified_entries",
+    "certifier_settings",
     "certify_report",
     "check_certifiers",
     "parse_certifiers",
     "parse_radii",
 ]
 
+
+class _BoundCertifier(EvalAttack):
+    """Verified robustness at eps (L∞) by sound bounds: ``success`` where a point is NOT
+    verified (an adversarial example may exist), ``distance`` 0 there and inf where it is."""
+
+    kind = "certified"
+
+    def run_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int):
+        from advprune.certify.verify import verify_batch
+
+        _, verified = verify_batch(BoundedModel(model), x, y, self.eps, self.name)
+        open_ = (~verified).cpu().numpy()
+        return {"success": open_, "distance": np.where(open_, 0.0, np.inf)}
+
+
+class _SmoothingCertifier(EvalAttack):
+    """Randomized smoothing's certified accuracy at L2 radii (run over the whole set by
+    :func:`certified_entries`: its samples and abstentions are per point, not per batch)."""
+
+    kind = "certified"
+
+    def run_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int):
+        raise ConfigError("smoothing certifies a whole set: use certified_entries")
+
+
+for _name in BOUND_METHODS:
+    ATTACKS.add(_name, type(f"Certifier_{_name.replace('-', '_')}", (_BoundCertifier,),
+                            {"name": _name, "__module__": __name__}))  # fmt: skip
+register_attack("smoothing")(_SmoothingCertifier)
+
+#: the shipped certifiers; ``list_attacks(kind="certified")`` is the current list
 CERTIFIERS: tuple[str, ...] = (*BOUND_METHODS, "smoothing")
 
 
 def parse_certifiers(text: str | Sequence[str]) -> list[str]:
     """``"ibp,crown"`` -> ``["ibp", "crown"]``; unknown names raise UnknownNameError."""
+    valid = [*BOUND_METHODS, "smoothing"]
+    valid += [n for n in list_attacks(kind="certified") if n not in valid]
     names = [t.strip().lower() for t in (text.split(",") if isinstance(text, str) else text)]
     names = [t for t in names if t]
     if not names:
-        raise ConfigError(f"--certify needs at least one of {', '.join(CERTIFIERS)}")
+        raise ConfigError(f"--certify needs at least one of {', '.join(valid)}")
     for name in names:
-        if name not in CERTIFIERS:
-            raise UnknownNameError("certifier", name, CERTIFIERS)
+        if name not in valid:
+            raise UnknownNameError("certifier", name, valid)
     if len(set(names)) != len(names):
         raise ConfigError(f"a certifier is repeated in {','.join(names)}")
     return names
@@ -233,7 +269,7 @@ def certify_report(
     ``robust_accuracy`` is None); written to ``out/report.json`` with the per-sample arrays
     (``certified_per_sample.npz``) and the smoothing curve when ``out`` is given. ``kwargs``
     are those of :func:`certified_entries` (``methods`` and ``eps`` required)."""
-    from advprune import __version__
+    from advprune._version import __version__
     from advprune.evaluation.report import Report
 
     out_path = Path(out) if out is not None else None
@@ -277,9 +313,48 @@ def certify_report(
     return report
 
 
+def certifier_settings(
+    methods: str | Sequence[str],
+    *,
+    radii: str | Sequence[float] | None = None,
+    n0: int | None = None,
+    smoothing_n: int | None = None,
+    alpha: float | None = None,
+) -> dict[str, Any]:
+    """The certifiers ``methods`` and smoothing's settings (defaults: n0 100, 10,000 samples,
+    alpha 0.001, :data:`DEFAULT_RADII`), validated before any data is read; the keys are
+    :func:`certified_entries`'s (``methods``, ``radii``, ``n0``, ``samples``, ``alpha``)."""
+    names = parse_certifiers(methods)
+    settings: dict[str, Any] = {"methods": names, "radii": parse_radii(radii)}
+    settings["n0"] = 100 if n0 is None else n0
+    settings["samples"] = 10_000 if smoothing_n is None else smoothing_n
+    settings["alpha"] = check_alpha(0.001 if alpha is None else alpha)
+    if "smoothing" in names:
+        check_sample_counts(settings["samples"], settings["alpha"], settings["n0"])
+    return settings
+
+
+def add_certified(
+    report: Any,
+    model: nn.Module,
+    dataset: Any,
+    *,
+    out: str | Path | None = None,
+    **settings: Any,
+) -> None:
+    """Append the certified entries of :func:`certified_entries` (``settings``: its keyword
+    arguments) to a report of attacks, and rewrite the report in ``out`` when given."""
+    plot = Path(out) / "certified_accuracy" if out is not None else None
+    entries, arrays = certified_entries(model, dataset, plot=plot, **settings)
+    for entry in entries:
+        report.add_entry(entry)
+    if out is not None:
+        save_certified(report, arrays, out)
+
+
 def save_certified(report: Any, arrays: dict[str, np.ndarray], out: str | Path) -> None:
     """Write ``report.json`` and ``certified_per_sample.npz`` into ``out``."""
-    from advprune.checkpoint import atomic_path
+    from advprune.io import atomic_path
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

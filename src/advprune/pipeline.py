@@ -1,15 +1,28 @@
-"""The stages a user runs, as functions shared by the CLI and the quickstart.
+"""The one stage pipeline: every stage of every method, for the CLI, the API, the quickstart
+and the benchmark grid.
 
-``train`` (dense pretraining) -> ``prune`` (a method attaches masks) -> ``finetune`` (train
-with the method's finetune parameter kinds) -> ``evaluate`` (clean and PGD accuracy). Each
-stage writes ``OUT/model.safetensors`` + ``OUT/model.json``; training stages also write
-``best`` / ``last`` / ``metrics.jsonl`` so an interrupted run resumes.
+A method's ``stages`` (:attr:`advprune.methods.Method.stages`) are its sequence, e.g.
+``pretrain -> prune -> finetune``; :meth:`~advprune.methods.Method.stage_kind` says what each
+one does: ``pretrain`` (dense training, :func:`train_stage`), ``prune`` (the method attaches /
+updates masks in its rounds and trains what it trains then, :func:`prune_stage`) or ``train``
+(masks fixed, the parameter kinds the method trains in that stage, :func:`finetune_stage`).
+:func:`run_stage` runs one stage (``advprune train|prune|finetune``, one grid or torchrun
+job), :func:`run_method` the whole sequence, each stage in its folder with a ``done`` record
+of the settings it ran with (the benchmark grid). A method with another sequence changes only
+its own file.
+
+Each stage writes ``OUT/model.safetensors`` + ``OUT/model.json``; training stages also write
+``best`` / ``last`` / ``metrics.jsonl`` and ``run.json`` (their settings), so an interrupted
+run resumes, and a folder holding another run's settings is refused
+(:func:`advprune.io.check_same_settings`, the one resumable-folder guard).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +31,11 @@ import torch
 from torch import nn
 
 from advprune.attacks import PGD
-from advprune.checkpoint import load_checkpoint, read_card, save_checkpoint, write_json_atomic
+from advprune.checkpoint import load_checkpoint, read_card, save_checkpoint
 from advprune.config import RunConfig
 from advprune.data import DataSplits, RandomCropFlip, load_dataset, make_loader
 from advprune.errors import CheckpointError, ConfigError
+from advprune.io import check_same_settings, read_json_record, write_json_atomic
 from advprune.methods import Method, create_method, method_from_config
 from advprune.models import create
 from advprune.sparsity import sparsity_report
@@ -201,17 +215,7 @@ def train_stage(
     # certified objectives keep their final epoch, where their eps / weight schedules end (as
     # the IBP, CROWN-IBP, MixTrain and smoothing references do): no best-epoch selection
     keep_last = cfg.objective in CERTIFIED_OBJECTIVES
-    tcfg = TrainConfig(
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        schedule=cfg.schedule,
-        warmup_epochs=cfg.warmup_epochs,
-        amp=cfg.amp,
-        seed=cfg.seed,
-        select_by="clean" if no_attack else "robust",
-    )
+    tcfg = cfg.train_config(select_by="clean" if no_attack else "robust")
     full_card = _card(cfg, data, **(card or {}), stage=stage, objective=objective.config())
     trainer = Trainer(
         model,
@@ -231,7 +235,10 @@ def train_stage(
         regularizer=regularizer,
     )
     run = _run_record(cfg, model, full_card, tcfg, kinds)
-    _check_same_run(out, run)
+    if (out / "last.safetensors").exists():  # the trainer would resume the run in ``out``
+        before = read_json_record(out / RUN_FILE, what="training run")
+        check_same_settings(out, before if before is not None else [], run,
+                            what=f"a {(before or {}).get('stage', 'training')} run")  # fmt: skip
     write_json_atomic(out / RUN_FILE, run)
     result = trainer.fit()
     if result.best_checkpoint is not None:
@@ -269,45 +276,13 @@ def _run_record(
     return json.loads(json.dumps(record, default=str))
 
 
-def _check_same_run(out: Path, run: dict[str, Any]) -> None:
-    """Refuse to resume the run in ``out`` when it was started with other settings.
-
-    The trainer resumes from ``out/last`` when it exists; resuming a run of another stage,
-    objective, eps, dataset or input checkpoint would silently give a model that does not
-    match the settings recorded in its card.
-    """
-    if not (out / "last.safetensors").exists():
-        return
-    try:
-        before = json.loads((out / RUN_FILE).read_text())
-    except (OSError, ValueError):
-        before = None
-    if not isinstance(before, dict):
-        raise ConfigError(
-            f"{out} holds a training state of an unknown run (no readable {RUN_FILE}); "
-            "pass a new --out folder"
-        )
-    changed = sorted(k for k in set(before) | set(run) if before.get(k) != run.get(k))
-    if changed:
-        raise ConfigError(
-            f"{out} holds a {before.get('stage', 'training')} run with other settings "
-            f"({', '.join(changed)} differ); rerun with the same settings to resume it, "
-            "or pass a new --out folder"
-        )
-
-
 def make_method(cfg: RunConfig) -> Method:
     """The pruning method named by ``cfg.method`` with the config's settings and options."""
+    chosen = ("structure", "scope", "keep_first", "keep_last", "allocation")
+    params = {} if cfg.allocation_p is None else {"p": cfg.allocation_p}
+    settings = {name: getattr(cfg, name) for name in chosen}
     return create_method(
-        cfg.method,
-        cfg.sparsity,
-        structure=cfg.structure,
-        scope=cfg.scope,
-        keep_first=cfg.keep_first,
-        keep_last=cfg.keep_last,
-        allocation=cfg.allocation,
-        allocation_params={} if cfg.allocation_p is None else {"p": cfg.allocation_p},
-        **cfg.method_options,
+        cfg.method, cfg.sparsity, **settings, allocation_params=params, **cfg.method_options
     )
 
 
@@ -371,15 +346,22 @@ def finetune_stage(
     *,
     out: Path,
     objective: Objective | None = None,
+    stage: str = "finetune",
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train a pruned model with the parameter kinds its method trains in ``finetune``."""
+    """Train a pruned model, masks fixed, with the parameter kinds its method trains in
+    ``stage`` (``finetune``, or any other stage of kind ``train`` the method declares)."""
     method_cfg = prune_card.get("method")
     if not method_cfg:
-        raise CheckpointError("finetune needs a pruned checkpoint (its card names no method)")
+        raise CheckpointError(f"{stage} needs a pruned checkpoint (its card names no method)")
     method = method_from_config(method_cfg)
-    if "finetune" not in method.stages:
-        raise ConfigError(f"method {method.name!r} has no finetune stage")
-    kinds = method.trainable("finetune")
+    if stage not in method.stages:
+        raise ConfigError(f"method {method.name!r} has no {stage} stage")
+    if method.stage_kind(stage) != "train":
+        raise ConfigError(
+            f"stage {stage!r} of method {method.name!r} is a {method.stage_kind(stage)} stage, "
+            "not one that trains a pruned model"
+        )
+    kinds = method.trainable(stage)
     targets = prune_card.get("sparsity") or {}
     card = {
         "method": method_cfg,
@@ -392,8 +374,8 @@ def finetune_stage(
         out=out,
         kinds=kinds,
         card=card,
-        stage="finetune",
-        regularizer=method.regularizer("finetune"),
+        stage=stage,
+        regularizer=method.regularizer(stage),
         objective=objective,
     )
 
@@ -424,10 +406,130 @@ def write_results(path: Path, rows: list[dict[str, Any]]) -> None:
     write_json_atomic(path, rows)
 
 
+# ---------------------------------------------------------------------------- the stage sequence
+
+
+def run_stage(
+    stage: str,
+    cfg: RunConfig,
+    data: Data,
+    model: nn.Module,
+    card: dict[str, Any] | None = None,
+    *,
+    out: Path | None,
+    objective: Objective | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Run one stage of ``cfg.method`` (after the prune stage: of the method the ``card``
+    records) on ``model``; return the stage's model and card.
+
+    ``pretrain`` trains ``model`` dense, a ``prune`` stage prunes a copy, a ``train`` stage
+    trains the pruned ``model`` (its ``card`` from the prune stage) with masks fixed.
+    """
+    recorded = (card or {}).get("method")
+    method = method_from_config(recorded) if recorded else make_method(cfg)
+    kind = method.stage_kind(stage)
+    if stage not in method.stages:
+        raise ConfigError(
+            f"method {method.name!r} has no stage {stage!r}; its stages: {', '.join(method.stages)}"
+        )
+    if kind == "pretrain":
+        if out is None:
+            raise ConfigError("the pretrain stage trains; pass an output folder")
+        return train_stage(cfg, data, model, out=out, objective=objective, stage=stage)
+    if kind == "prune":
+        return prune_stage(cfg, data, model, out=out, objective=objective)
+    if out is None:
+        raise ConfigError(f"the {stage} stage trains; pass an output folder")
+    return finetune_stage(cfg, data, model, card or {}, out=out, objective=objective, stage=stage)
+
+
+DONE = "done"  # a finished stage's record of its settings, in its folder (run_method)
+
+
+def stage_settings(cfg: RunConfig, **extra: Any) -> dict[str, Any]:
+    """What decides a stage's result: its RunConfig (without display / placement fields)."""
+    record = cfg.model_dump(mode="json", exclude={"progress", "out", "device"})
+    return json.loads(json.dumps({**record, **extra}, default=str))
+
+
+def cached_stage(
+    folder: Path, stage: str, settings: dict[str, Any], run: Any
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Reuse the finished stage in ``folder`` (its ``done`` record holds the settings it ran
+    with), else ``run()`` it and record them; an interrupted training stage resumes from its
+    last epoch. A finished stage of other settings is a :class:`ConfigError` (never a stale
+    model reused)."""
+    before = read_json_record(folder / DONE, what=f"the {stage} stage's record")
+    if before is not None:
+        check_same_settings(
+            folder, before, settings, what=f"a finished {stage} stage",
+            hint="remove it or use another --out",
+        )  # fmt: skip
+        return load_checkpoint(folder / MODEL_FILE)
+    result = run()
+    write_json_atomic(folder / DONE, settings)
+    return result
+
+
+def run_method(
+    config_for: Callable[[str], RunConfig],
+    folder_for: Callable[[str], Path],
+    *,
+    data: Data | None = None,
+    start: tuple[nn.Module, dict[str, Any] | None] | None = None,
+    lock_for: Callable[[str], Any] | None = None,
+    after_stage: Callable[[str], None] | None = None,
+) -> tuple[nn.Module, dict[str, Any], Path]:
+    """Run every stage of the method ``config_for(stage).method`` names, in its order.
+
+    ``config_for(stage)`` gives each stage's settings, ``folder_for(stage)`` its folder (the
+    stage's ``done`` record makes a rerun reuse it, see :func:`cached_stage`); ``lock_for``
+    a lock to hold around a stage (a dense model shared between jobs); ``start`` the model
+    the first stage starts from (default: a fresh, seeded ``cfg.model``). A training stage
+    with 0 epochs after the prune stage is skipped. Returns the final model, its card and its
+    checkpoint path.
+    """
+    first = config_for("prune")
+    method = make_method(first)
+    data = data if data is not None else prepare_data(first)
+    model, card = start if start is not None else build_model(first, data)
+    origin = "fresh" if start is None else None
+    final: Path | None = None
+    for stage in method.stages:
+        cfg = config_for(stage)
+        kind = method.stage_kind(stage)
+        if kind == "train" and cfg.epochs == 0:
+            continue
+        folder = folder_for(stage)
+        stage_data = data if kind == "prune" else prepare_data(cfg)
+        if kind == "pretrain":
+            model, card = build_model(cfg, stage_data)
+        start_sha = origin if final is None else read_card(final)["tensors"]["sha256"]
+        settings = (
+            stage_settings(cfg) if kind == "pretrain" else stage_settings(cfg, start=start_sha)
+        )
+        prev_model, prev_card = model, card
+
+        def go(stage=stage, cfg=cfg, stage_data=stage_data, m=prev_model, c=prev_card, f=folder):
+            return run_stage(stage, cfg, stage_data, m, c, out=f)
+
+        lock = lock_for(stage) if lock_for is not None else contextlib.nullcontext()
+        with lock:
+            model, card = cached_stage(folder, stage, settings, go)
+        final = folder / MODEL_FILE
+        if after_stage is not None:
+            after_stage(stage)
+    assert final is not None, "a method has at least one stage"
+    return model, card, final
+
+
 __all__ = [
+    "DONE",
+    "MODEL_FILE",
     "Data",
     "augmentation",
     "build_model",
+    "cached_stage",
     "eval_attack",
     "evaluate",
     "finetune_stage",
@@ -436,6 +538,9 @@ __all__ = [
     "prepare_data",
     "prune_stage",
     "resolve_device",
+    "run_method",
+    "run_stage",
+    "stage_settings",
     "train_stage",
     "write_results",
 ]
