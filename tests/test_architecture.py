@@ -76,3 +76,17 @@ def test_the_probe_sees_a_planted_import(tmp_path: Path, planted: str) -> None:
     )
     new = json.loads(done.stdout.strip().splitlines()[-1])["new"]
     assert any(m == planted for m in new)
+
+
+def test_no_import_cycle_between_modules() -> None:
+    """Within a layer too: no two advprune modules import each other, even from inside a
+    function (grimp reads function-level imports). tools/import_graph.py prints the graph."""
+    grimp = pytest.importorskip("grimp")
+    graph = grimp.build_graph("advprune", cache_dir=None)
+    modules = [m for m in graph.modules if m.startswith("advprune.")]
+    cycles = set()
+    for m in modules:
+        for other in graph.find_modules_directly_imported_by(m):
+            if other.startswith("advprune.") and graph.chain_exists(other, m, as_packages=False):
+                cycles.add(tuple(sorted((m, other))))
+    assert not cycles, f"modules in an import cycle: {sorted(cycles)}"

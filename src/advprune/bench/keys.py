@@ -284,9 +284,9 @@ def _ap_key(method: str) -> str:
     if "_" in method or method.lower() == DENSE.lower():
         return method
     try:
-        from advprune.bench.taxonomy import method_ap_key
+        from advprune.methods import method_class  # a lower layer: no cycle with bench.taxonomy
 
-        return method_ap_key(method.lower())
+        return method_class(method.lower()).taxonomy.ap_key
     except AdvpruneError:
         return method
 
