@@ -24,6 +24,8 @@ A new kind: subclass :class:`MaskBase` and decorate it with :func:`register_mask
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -411,3 +413,28 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     if parametrize.is_parametrized(module, "weight"):
         return module.parametrizations["weight"].original
     return module.weight
+
+
+@contextmanager
+def cached_masks(model: nn.Module) -> Iterator[None]:
+    """Within the block, every masked (parametrised) weight of ``model`` is computed once and
+    reused by every forward pass, instead of recomputing the mask (a top-k for score masks)
+    at each of them: the ``1 + steps`` forward passes of an adversarial-training step then
+    share one mask. Parameters must not change inside the block (leave it before the
+    optimizer steps).
+
+    The weights are computed on entry, in the caller's grad mode (``torch.nn.utils.
+    parametrize.cached`` alone would cache whichever forward comes first, e.g. one under
+    ``no_grad``, and the loss would then carry no gradient to the weights and scores). The
+    result is the same tensor an uncached forward computes, so losses and gradients are the
+    same as without the cache (``tests/test_cached_masks.py``).
+    """
+    modules = [m for m in model.modules() if parametrize.is_parametrized(m)]
+    if not modules:
+        yield
+        return
+    with parametrize.cached():
+        for module in modules:
+            for name in module.parametrizations:
+                getattr(module, name)  # computed now, cached for the block
+        yield
