@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,8 +141,21 @@ def _worker(rank: int, folder: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+def _spawn_two(folder: Path, limit_s: float = 240.0) -> None:
+    """Run :func:`_worker` on two spawned processes; fail (and kill them) after ``limit_s``
+    seconds instead of hanging the suite if one of them waits for the other forever."""
+    ctx = mp.start_processes(_worker, args=(str(folder),), nprocs=2, start_method="spawn",
+                             join=False)  # fmt: skip
+    deadline = time.monotonic() + limit_s
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in ctx.processes:
+                process.kill()
+            pytest.fail(f"two-process training did not finish in {limit_s:.0f} s")
+
+
 def test_two_processes_train_as_one_with_the_global_batch(tmp_path: Path) -> None:
-    mp.start_processes(_worker, args=(str(tmp_path),), nprocs=2, start_method="spawn")
+    _spawn_two(tmp_path)
     with _registered():
         reference, ref_acc = _train(SINGLE, (0, 1), None)
     ddp = [load_file(tmp_path / f"ddp{r}.safetensors") for r in range(2)]
