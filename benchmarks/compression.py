@@ -23,13 +23,13 @@ import copy
 import datetime
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _machine import cpu_model
 from safetensors.torch import save_file
 from torch import nn, profiler
 
@@ -49,16 +49,6 @@ from advprune.sparsity import (
 SPARSITIES = (0.5, 0.75, 0.9)
 FILE_SPARSITIES = (0.9, 0.95, 0.99)
 INPUT = (3, 32, 32)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _resnet18_weights() -> dict[str, torch.Tensor] | None:
@@ -316,7 +306,7 @@ def main() -> None:
         command,
         "```",
         "",
-        f"Machine: {os.cpu_count()} CPUs ({_cpu_model()}), torch {torch.__version__}, "
+        f"Machine: {os.cpu_count()} CPUs ({cpu_model()}), torch {torch.__version__}, "
         f"{threads} CPU thread(s), mkldnn "
         f"{'on' if torch.backends.mkldnn.is_available() else 'off'}; load average "
         f"{load:.1f} when the run started (the machine is shared); wall time "

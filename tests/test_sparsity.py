@@ -17,6 +17,7 @@ from advprune.sparsity import (
     attach_scores,
     export_dense,
     is_masked,
+    kept_count,
     layer_densities,
     load_dense_state_dict,
     mask_specs,
@@ -25,6 +26,7 @@ from advprune.sparsity import (
     prune_magnitude,
     restore_masks,
     sparsity_report,
+    topk_mask,
 )
 
 
@@ -138,6 +140,56 @@ def test_score_mask_matches_topk_of_abs_scores() -> None:
     keep = mask.full_mask().bool()
     assert int(keep.sum()) == 10
     assert scores.abs()[keep].min() >= scores.abs()[~keep].max()
+
+
+def _topk_reference(scores: torch.Tensor, density: float) -> torch.Tensor:
+    flat = scores.flatten()
+    mask = torch.zeros_like(flat)
+    mask[torch.topk(flat, kept_count(flat.numel(), density), sorted=False).indices] = 1
+    return mask.view_as(scores)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "normal", "ascending", "descending", "ties"])
+def test_large_cpu_topk_masks_keep_exactly_the_topk_entries(kind: str) -> None:
+    """Large CPU score tensors take the banded path (a sample brackets the threshold, topk
+    runs inside the bracket); it keeps the same entries as ``torch.topk`` (with ties: the same
+    count and the same kept values), also for orders that fool a strided sample."""
+    g = torch.Generator().manual_seed(0)
+    n = 21 * 10_000  # 200,000 entries once a column is cut off
+    scores = {
+        "uniform": lambda: torch.rand(n, generator=g),
+        "normal": lambda: torch.randn(n, generator=g),
+        "ascending": lambda: torch.arange(n, dtype=torch.float32),
+        "descending": lambda: -torch.arange(n, dtype=torch.float32),
+        "ties": lambda: torch.randint(0, 4, (n,), generator=g).float(),
+    }[kind]().view(-1, 7 * 3)[:, :20]  # not contiguous as a weight's scores can be
+    for density in (1e-4, 0.1, 0.5, 0.9, 0.9999):
+        banded, reference = topk_mask(scores, density), _topk_reference(scores, density)
+        assert int(banded.sum()) == int(reference.sum()) == kept_count(scores.numel(), density)
+        if kind == "ties":
+            kept = scores[banded.bool()].sort().values
+            assert torch.equal(kept, scores[reference.bool()].sort().values)
+        else:
+            assert torch.equal(banded, reference), density
+
+
+def test_the_banded_topk_runs_and_falls_back_when_the_sample_misleads(monkeypatch) -> None:
+    """The fast path is taken on a large CPU tensor (topk then sees only the band), and a
+    sample that misses the threshold (here: every sampled entry is the smallest value) sends
+    the call to the full topk, which still keeps exactly the top entries."""
+    sizes: list[int] = []
+    real_topk = torch.topk
+    monkeypatch.setattr(torch, "topk", lambda x, k, **kw: sizes.append(x.numel()) or
+                        real_topk(x, k, **kw))  # fmt: skip
+    n = 1 << 18
+    scores = torch.rand(n, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(topk_mask(scores, 0.1), _topk_reference(scores, 0.1))
+    assert sizes[0] < n // 10  # the band, not the whole tensor
+    sizes.clear()
+    fooled = scores + 1.0
+    fooled[:: n // 16_384] = 0.0  # the strided sample sees only zeros
+    assert torch.equal(topk_mask(fooled, 0.1), _topk_reference(fooled, 0.1))
+    assert sizes[0] == n  # the full topk ran
 
 
 def test_magnitude_init_equals_magnitude_pruning() -> None:

@@ -12,10 +12,11 @@ fractions such as ``--eps 8/255`` are exact. Bad input prints one ``error:`` lin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -48,9 +49,19 @@ def _add_common(p: argparse.ArgumentParser, *, training: bool) -> None:
     g.add_argument("--dataset", help="digits (default), cifar10, cifar100, svhn, imagefolder")
     g.add_argument("--data-root", dest="data_root", help="folder holding the dataset files")
     g.add_argument("--download", type=_bool, nargs="?", const=True, help="fetch official files")
-    g.add_argument("--batch-size", dest="batch_size", type=int)
+    g.add_argument(
+        "--batch-size", dest="batch_size", type=int, help="global batch (split over processes)"
+    )
+    g.add_argument("--workers", type=int, help="DataLoader workers per process (image folders)")
     g.add_argument("--val-fraction", dest="val_fraction", type=float)
-    g.add_argument("--n", type=int, help="evaluate on the first N test samples only")
+    g.add_argument(
+        "--n",
+        "--eval-n",
+        dest="n",
+        type=int,
+        help="evaluate on the first N test samples only (--eval-n under torchrun, whose own "
+        "flags --n would abbreviate)",
+    )
     g = p.add_argument_group("threat model")
     g.add_argument("--eps", help="attack radius in input units, e.g. 8/255 (default per dataset)")
     g.add_argument("--norm", help="linf (default) or l2")
@@ -343,19 +354,34 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
+@contextlib.contextmanager
+def _processes(cfg: Any) -> Iterator[Any]:
+    """The processes of a training command: one, or the process group torchrun started
+    (``torchrun --nproc-per-node N -m advprune.cli train ...``), left at the end."""
+    from advprune.distributed import init_distributed, shutdown
+
+    dist = init_distributed(cfg.device)
+    try:
+        yield dist
+    finally:
+        shutdown()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from advprune import pipeline as wf
 
     cfg = _run_config(args)
     _check_out(cfg)
-    data = wf.prepare_data(cfg)
-    model, card = wf.build_model(cfg, data)
-    if card and card.get("masks"):
-        raise AdvpruneError(f"{cfg.checkpoint} is pruned; use `advprune finetune` for it")
-    out = Path(cfg.out)
-    model, card = wf.train_stage(cfg, data, model, out=out)  # the dense pretrain stage
-    metrics = wf.evaluate(cfg, data, model)
-    _print_summary("train", out / wf.MODEL_FILE, metrics)
+    with _processes(cfg) as dist:
+        data = wf.prepare_data(cfg)
+        model, card = wf.build_model(cfg, data)
+        if card and card.get("masks"):
+            raise AdvpruneError(f"{cfg.checkpoint} is pruned; use `advprune finetune` for it")
+        out = Path(cfg.out)
+        model, card = wf.train_stage(cfg, data, model, out=out)  # the dense pretrain stage
+        metrics = wf.evaluate(cfg, data, model)
+        if dist.is_main:
+            _print_summary("train", out / wf.MODEL_FILE, metrics)
     return 0
 
 
@@ -370,15 +396,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if method.needs_pretrained:
         _require_checkpoint(cfg, "prune", f"method {method.name!r} prunes a trained model")
     _check_out(cfg)
-    data = wf.prepare_data(cfg, with_val=bool(method.trainable("prune")))
-    model, card = wf.build_model(cfg, data)
-    if card and card.get("masks"):
-        raise AdvpruneError(f"{cfg.checkpoint} is already pruned; prune its dense parent")
-    out = Path(cfg.out)
-    pruned, _ = wf.run_stage("prune", cfg, data, model, out=out)
-    report = sparsity_report(pruned, tuple(data.splits.info.input_shape))
-    print(report.format())
-    print(f"saved {out / wf.MODEL_FILE}")
+    with _processes(cfg) as dist:
+        data = wf.prepare_data(cfg, with_val=bool(method.trainable("prune")))
+        model, card = wf.build_model(cfg, data)
+        if card and card.get("masks"):
+            raise AdvpruneError(f"{cfg.checkpoint} is already pruned; prune its dense parent")
+        out = Path(cfg.out)
+        pruned, _ = wf.run_stage("prune", cfg, data, model, out=out)
+        if dist.is_main:
+            print(sparsity_report(pruned, tuple(data.splits.info.input_shape)).format())
+            print(f"saved {out / wf.MODEL_FILE}")
     return 0
 
 
@@ -389,12 +416,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _require_checkpoint(cfg, "finetune")
     _check_out(cfg)
     stage = args.stage or "finetune"
-    data = wf.prepare_data(cfg)
-    model, card = wf.build_model(cfg, data)
-    out = Path(cfg.out)
-    model, _ = wf.run_stage(stage, cfg, data, model, card, out=out)
-    metrics = wf.evaluate(cfg, data, model)
-    _print_summary(stage, out / wf.MODEL_FILE, metrics)
+    with _processes(cfg) as dist:
+        data = wf.prepare_data(cfg)
+        model, card = wf.build_model(cfg, data)
+        out = Path(cfg.out)
+        model, _ = wf.run_stage(stage, cfg, data, model, card, out=out)
+        metrics = wf.evaluate(cfg, data, model)
+        if dist.is_main:
+            _print_summary(stage, out / wf.MODEL_FILE, metrics)
     return 0
 
 

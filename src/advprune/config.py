@@ -69,8 +69,9 @@ class RunConfig(TrainSettings):
     data_root: str | None = None
     download: bool = False
     val_fraction: float = 0.1
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch: split evenly over the processes under torchrun
     augment: bool | None = None  # None: random crop + flip for 32x32 and larger, off for digits
+    workers: int | None = None  # DataLoader workers per process for image folders; None: auto
     # model
     model: str = "digits_cnn"
     checkpoint: str | None = None
@@ -95,8 +96,9 @@ class RunConfig(TrainSettings):
     objective_options: dict[str, Any] = Field(
         default_factory=dict
     )  # the objective's other options, e.g. {eta: 0.5}
-    # optimisation: epochs, lr, momentum, weight_decay, nesterov, schedule, milestones, gamma,
-    # warmup_epochs, amp, grad_clip come from TrainConfig (TrainSettings)
+    # optimisation: epochs, optimizer, lr, momentum, weight_decay, nesterov, betas, schedule,
+    # milestones, gamma, cycle_peak, warmup_epochs, precision, amp, grad_clip, sync_bn,
+    # channels_last, compile come from TrainConfig (TrainSettings)
     seed: int = 0
     # pruning
     method: str = "lwm"
@@ -198,6 +200,13 @@ class RunConfig(TrainSettings):
         methods = ("ibp", "crown-ibp", "crown")
         if value not in methods:
             raise UnknownNameError("bound method", value, methods)
+        return value
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int | None) -> int | None:
+        if value is not None and value < 0:
+            raise ConfigError(f"workers must be >= 0, got {value}")
         return value
 
     @field_validator("n")

@@ -15,6 +15,10 @@ Each stage writes ``OUT/model.safetensors`` + ``OUT/model.json``; training stage
 ``best`` / ``last`` / ``metrics.jsonl`` and ``run.json`` (their settings), so an interrupted
 run resumes, and a folder holding another run's settings is refused
 (:func:`advprune.io.check_same_settings`, the one resumable-folder guard).
+
+Under ``torchrun`` every process runs the same stage on its share of the data
+(:func:`advprune.distributed.init_distributed` joins them; ``batch_size`` is the global batch,
+split evenly); the main process writes every file.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from torch import nn
 from advprune.attacks import PGD
 from advprune.checkpoint import load_checkpoint, read_card, save_checkpoint
 from advprune.config import RunConfig
-from advprune.data import DataSplits, RandomCropFlip, load_dataset, make_loader
+from advprune.data import DataSplits, RandomCropFlip, fast_loader, load_dataset
+from advprune.distributed import DistContext
 from advprune.errors import CheckpointError, ConfigError
 from advprune.io import check_same_settings, read_json_record, write_json_atomic
 from advprune.methods import Method, create_method, method_from_config
@@ -56,32 +61,57 @@ RUN_FILE = "run.json"  # the settings of the training run in a folder, to refuse
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA if available, else CPU; otherwise the named device."""
+    """``auto`` -> CUDA if available, else CPU; otherwise the named device. Under torchrun
+    (several processes), ``auto`` and ``cuda`` mean this process's GPU, ``cuda:LOCAL_RANK``."""
+    dist = DistContext.from_env()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "cuda" and dist.distributed:
+        if device.index is not None and device.index != dist.local_rank:
+            raise ConfigError(
+                f"device {name!r} under torchrun: each process uses its own GPU "
+                "(cuda:LOCAL_RANK); pass --device cuda or auto"
+            )
+        device = torch.device("cuda", dist.local_rank)
     return device
+
+
+def process_batch_size(cfg: RunConfig, dist: DistContext) -> int:
+    """Each process's batch: the global ``batch_size`` split evenly over the processes."""
+    if cfg.batch_size % dist.world_size:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} is the global batch; it must be divisible by the "
+            f"{dist.world_size} processes"
+        )
+    return cfg.batch_size // dist.world_size
+
+
+Loader = Any  # an iterable of (x, y) batches: advprune.data.DeviceLoader or a DataLoader
 
 
 @dataclass
 class Data:
-    """Loaded splits and their loaders."""
+    """Loaded splits and their loaders (this process's share of them under torchrun)."""
 
     splits: DataSplits
-    train: torch.utils.data.DataLoader
-    val: torch.utils.data.DataLoader | None
-    test: torch.utils.data.DataLoader
+    train: Loader
+    val: Loader | None
+    test: Loader
 
 
 def prepare_data(cfg: RunConfig, *, with_val: bool = True) -> Data:
     """Load ``cfg.dataset`` and build seeded loaders (test limited to the first ``cfg.n``).
 
     ``with_val=False`` (stages that do not train) keeps the whole train split and no val split.
+    The loaders are :func:`advprune.data.fast_loader`'s: in-memory datasets live on the
+    device, others use ``cfg.workers`` DataLoader workers; each process of a torchrun job
+    gets its share of every split.
     """
     splits = load_dataset(
         cfg.dataset,
@@ -93,11 +123,20 @@ def prepare_data(cfg: RunConfig, *, with_val: bool = True) -> Data:
     test = splits.test
     if cfg.n is not None:
         test = torch.utils.data.Subset(test, range(min(cfg.n, len(test))))
+    dist = DistContext.from_env()
+    device = resolve_device(cfg.device)
+    batch = process_batch_size(cfg, dist)
+
+    def loader(dataset: Any, shuffle: bool = False) -> Loader:
+        return fast_loader(dataset, batch, shuffle=shuffle, seed=cfg.seed, device=device,
+                           rank=dist.rank, world_size=dist.world_size,
+                           workers=cfg.workers)  # fmt: skip
+
     return Data(
         splits=splits,
-        train=make_loader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed),
-        val=make_loader(splits.val, cfg.batch_size) if splits.val is not None else None,
-        test=make_loader(test, cfg.batch_size),
+        train=loader(splits.train, shuffle=True),
+        val=loader(splits.val) if splits.val is not None else None,
+        test=loader(test),
     )
 
 
@@ -206,6 +245,7 @@ def train_stage(
     certified objectives keep the final epoch.
     """
     device = resolve_device(cfg.device)
+    dist = DistContext.from_env()
     model = model.to(device)
     objective = objective if objective is not None else make_objective(cfg)
     check = getattr(objective, "check_model", None)
@@ -233,13 +273,17 @@ def train_stage(
         card=full_card,
         progress=cfg.progress,
         regularizer=regularizer,
+        dist=dist,
     )
     run = _run_record(cfg, model, full_card, tcfg, kinds)
-    if (out / "last.safetensors").exists():  # the trainer would resume the run in ``out``
-        before = read_json_record(out / RUN_FILE, what="training run")
-        check_same_settings(out, before if before is not None else [], run,
-                            what=f"a {(before or {}).get('stage', 'training')} run")  # fmt: skip
-    write_json_atomic(out / RUN_FILE, run)
+    if dist.is_main:
+        if (out / "last.safetensors").exists():  # the trainer would resume the run in ``out``
+            before = read_json_record(out / RUN_FILE, what="training run")
+            what = f"a {(before or {}).get('stage', 'training')} run"
+            recorded = _with_defaults(before) if before is not None else []
+            check_same_settings(out, recorded, run, what=what)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / RUN_FILE, run)
     result = trainer.fit()
     if result.best_checkpoint is not None:
         load_best(trainer)
@@ -247,11 +291,24 @@ def train_stage(
         p.requires_grad_(True)
     full_card["training"] = {
         **tcfg.to_dict(),
+        "precision": trainer.precision.resolved(device),
+        "world_size": dist.world_size,
         "best_epoch": result.best_epoch,
         "best_val_score": result.best_score,
     }
-    save_checkpoint(out / MODEL_FILE, model, full_card)
+    if dist.is_main:
+        save_checkpoint(out / MODEL_FILE, model, full_card)
+    dist.barrier()
     return model, full_card
+
+
+def _with_defaults(record: Any) -> Any:
+    """An earlier ``run.json`` with the training settings added since at their defaults (so
+    a run started before they existed resumes)."""
+    if isinstance(record, dict) and isinstance(record.get("training"), dict):
+        training = TrainConfig.settings_of(record["training"])
+        record = {**record, "training": json.loads(json.dumps(training))}
+    return record
 
 
 def _run_record(
@@ -270,7 +327,7 @@ def _run_record(
             "val_fraction": cfg.val_fraction,
             "augment": cfg.augment,
         },
-        "training": tcfg.to_dict(),
+        "training": tcfg.settings(),
         "trains": list(kinds),
     }
     return json.loads(json.dumps(record, default=str))
@@ -333,8 +390,10 @@ def prune_stage(
         card["objective"] = objective_record
     card["stage"] = "prune"
     card["sparsity"]["target_layers"] = method.finish(pruned, targets)
-    if out is not None:
+    dist = DistContext.from_env()
+    if out is not None and dist.is_main:
         save_checkpoint(out / MODEL_FILE, pruned, card)
+    dist.barrier()
     return pruned, card
 
 
@@ -381,13 +440,16 @@ def finetune_stage(
 
 
 def evaluate(cfg: RunConfig, data: Data, model: nn.Module) -> dict[str, Any]:
-    """Clean and PGD robust accuracy on the test split (first ``cfg.n`` samples)."""
+    """Clean and PGD robust accuracy on the test split (first ``cfg.n`` samples), in fp32
+    (each process of a torchrun job attacks its share; the counts are summed)."""
     device = resolve_device(cfg.device)
     model = model.to(device)
     attack = eval_attack(cfg)
+    dist = DistContext.from_env()
     clean, robust = evaluate_accuracy(
-        model, data.test, attack, device=device, progress=cfg.progress, desc="evaluate"
-    )
+        model, data.test, attack, device=device, progress=cfg.progress, desc="evaluate",
+        dist=dist,
+    )  # fmt: skip
     report = sparsity_report(model, tuple(data.splits.info.input_shape))
     return {
         "clean_accuracy": clean,
@@ -397,6 +459,7 @@ def evaluate(cfg: RunConfig, data: Data, model: nn.Module) -> dict[str, Any]:
         "eps_value": cfg.eps_value(),
         "norm": cfg.norm,
         "n": len(data.test.dataset),
+        "precision": "fp32",
         "measured_sparsity": report.sparsity,
     }
 
@@ -446,9 +509,13 @@ def run_stage(
 DONE = "done"  # a finished stage's record of its settings, in its folder (run_method)
 
 
+# settings that decide where and how fast a run goes, not what it computes
+PLACEMENT_FIELDS = ("progress", "out", "device", "workers", "channels_last", "compile")
+
+
 def stage_settings(cfg: RunConfig, **extra: Any) -> dict[str, Any]:
     """What decides a stage's result: its RunConfig (without display / placement fields)."""
-    record = cfg.model_dump(mode="json", exclude={"progress", "out", "device"})
+    record = cfg.model_dump(mode="json", exclude=set(PLACEMENT_FIELDS))
     return json.loads(json.dumps({**record, **extra}, default=str))
 
 
@@ -467,7 +534,8 @@ def cached_stage(
         )  # fmt: skip
         return load_checkpoint(folder / MODEL_FILE)
     result = run()
-    write_json_atomic(folder / DONE, settings)
+    if DistContext.from_env().is_main:
+        write_json_atomic(folder / DONE, settings)
     return result
 
 
@@ -536,6 +604,7 @@ __all__ = [
     "make_method",
     "make_objective",
     "prepare_data",
+    "process_batch_size",
     "prune_stage",
     "resolve_device",
     "run_method",

@@ -13,7 +13,12 @@ from advprune.training.objectives import (
     list_objectives,
     register_objective,
 )
-from advprune.training.optim import OPTIMIZERS, build_optimizer, register_optimizer
+from advprune.training.optim import (
+    OPTIMIZERS,
+    build_optimizer,
+    list_optimizers,
+    register_optimizer,
+)
 from advprune.training.precision import PRECISIONS, Precision
 from advprune.training.trainer import (
     PARAM_KINDS,
@@ -51,6 +56,7 @@ __all__ = [
     "create_objective",
     "evaluate_accuracy",
     "list_objectives",
+    "list_optimizers",
     "load_best",
     "lr_factor",
     "parameter_groups",

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,7 @@ from advprune.attacks.pgd import (
 )
 from advprune.certify.bounds import DEFAULT_MAX_CROWN_NEURONS, BoundedModel, check_bound_method
 from advprune.certify.smoothing import check_sigma
+from advprune.distributed import local_module
 from advprune.errors import ConfigError, UnknownNameError
 from advprune.training.objectives import (
     Objective,
@@ -179,6 +180,7 @@ class _KappaObjective(_BoundObjective):
     """``kappa * CE(clean) + (1 - kappa) * CE(worst case)`` with kappa following the ramp."""
 
     kappa_defaults = (1.0, 0.5)
+    distributed: ClassVar[bool] = False  # the bounds run on the traced local module
 
     def __init__(
         self,
@@ -401,20 +403,21 @@ class MixTrain(_BoundObjective):
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
         idx = self._subset(x.shape[0], self.adv_subset, x.device)
         xa, ya = (x, y) if idx is None else (x[idx], y[idx])
+        local = local_module(model)  # attack and bounds: not through DDP's hooks
         if self.adversarial and self.eps > 0:
-            xa = self.attack(model, xa, ya)
+            xa = self.attack(local, xa, ya)
         logits = model(xa)
         loss = F.cross_entropy(logits, ya)
         if self.ver_prob > 0 and float(torch.rand(())) < self.ver_prob:
             sub = self._subset(x.shape[0], self.ver_subset, x.device)
             rows = torch.arange(x.shape[0], device=x.device) if sub is None else sub
-            r = self.bounded(model).compute(
+            r = self.bounded(local).compute(
                 x, self.current_eps, method=self.bound, labels=y[rows], upper=False, subset=rows
             )
             loss = loss + self.current_weight * robust_cross_entropy(r.lower, y[rows])
         if idx is not None:  # logits for every point of the batch (training accuracy)
-            with torch.no_grad(), model_mode_scope(model, "eval"):
-                logits = model(x)
+            with torch.no_grad(), model_mode_scope(local, "eval"):
+                logits = local(x)
         return ObjectiveOutput(loss, logits)
 
     def config(self) -> dict[str, Any]:
@@ -537,7 +540,7 @@ class SmoothTraining(Objective):
         if self.variant == "adversarial" and self.eps > 0:
             with model_mode_scope(model, self.attack_mode):
                 x = projected_gradient_ascent(
-                    _NoisyAverage(model, noise),
+                    _NoisyAverage(local_module(model), noise),
                     x,
                     y,
                     lambda logp, t: F.nll_loss(logp, t, reduction="sum"),

@@ -17,6 +17,11 @@ code. eps is always in input units ``[0, 1]``.
 
 The adversarial example of an objective is produced by its :meth:`AdversarialObjective.perturb`
 method, which can be overridden (or replaced on an instance) to inject a fixed attack.
+
+Under several processes the trainer hands objectives the ``DistributedDataParallel`` module:
+the loss's forward passes go through it (its hooks average the gradients), the attack runs on
+the local module (:func:`advprune.distributed.local_module`), so DDP sees one forward and one
+backward per step and the attack's forward passes trigger none of its hooks.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from advprune.attacks.pgd import (
     projected_gradient_ascent,
     resolve_loss,
 )
+from advprune.distributed import local_module
 from advprune.errors import ConfigError
 from advprune.registry import Options, Registry, signature_options
 
@@ -78,6 +84,9 @@ class Objective(ABC):
     :func:`register_objective` and built by :func:`create_objective`."""
 
     name: ClassVar[str] = ""
+    #: whether the objective trains under DDP: its loss comes from the model's forward (the
+    #: module it is handed), which is what DDP's gradient hooks attach to
+    distributed: ClassVar[bool] = True
 
     @abstractmethod
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
@@ -235,7 +244,7 @@ class _CrossEntropyOnAttack(AdversarialObjective):
         return self.attack(model, x, y)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
-        logits_adv = model(self.perturb(model, x, y))
+        logits_adv = model(self.perturb(local_module(model), x, y))
         return ObjectiveOutput(F.cross_entropy(logits_adv, y), logits_adv)
 
 
@@ -356,7 +365,7 @@ class TRADES(_BetaObjective):
         return self._ascend_from_gaussian_start(model, x, y, kl_to_clean)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
-        x_adv = self.perturb(model, x, y)
+        x_adv = self.perturb(local_module(model), x, y)
         logits = model(x)
         logits_adv = model(x_adv)
         loss_natural = F.cross_entropy(logits, y)
@@ -394,7 +403,7 @@ class MART(_BetaObjective):
         return self._ascend_from_gaussian_start(model, x, y, lambda: resolve_loss("ce"))
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> ObjectiveOutput:
-        x_adv = self.perturb(model, x, y)
+        x_adv = self.perturb(local_module(model), x, y)
         logits = model(x)
         logits_adv = model(x_adv)
         adv_probs = F.softmax(logits_adv, dim=1)

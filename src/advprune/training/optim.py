@@ -2,9 +2,22 @@
 
 The trainer is handed its optimizer; :func:`build_optimizer` builds the one a
 :class:`~advprune.training.TrainConfig` describes (``optimizer``, ``lr``, ``momentum``,
-``weight_decay``, ``nesterov``) and :func:`lr_factor` its schedule (``schedule``,
-``milestones``, ``gamma``, ``warmup_epochs``). New optimizers register with
-:func:`register_optimizer`.
+``weight_decay``, ``nesterov``, ``betas``) and :func:`lr_factor` its schedule (``schedule``,
+``milestones``, ``gamma``, ``warmup_epochs``, ``cycle_peak``). Both are set from YAML
+(``optimizer: adamw``, ``schedule: onecycle``) and the CLI (``--optimizer``, ``--schedule``)
+from that one definition.
+
+Optimizers: ``sgd`` (momentum, weight decay; ``nesterov: true`` for Nesterov momentum),
+``sgd-nesterov`` (the same with Nesterov momentum), ``adam`` (L2 weight decay added to the
+gradient) and ``adamw`` (decoupled weight decay), both with ``betas``. New optimizers
+register with :func:`register_optimizer`.
+
+Schedules, as a multiplier of ``lr`` at a fractional epoch (so a resumed run continues
+exactly): ``cosine`` (to 0 at the end), ``step`` (times ``gamma`` at each milestone),
+``constant``, and ``onecycle`` (Smith's one-cycle policy as ``torch.optim.lr_scheduler.
+OneCycleLR`` with cosine annealing: from ``lr / 25`` up to ``lr`` at ``cycle_peak`` of the
+stage, then down to ``lr / 25 / 10_000``). ``warmup_epochs`` ramps any of them linearly from
+0 first.
 """
 
 from __future__ import annotations
@@ -15,13 +28,23 @@ from typing import Any
 
 import torch
 
+from advprune.errors import ConfigError
 from advprune.registry import Registry
 
 TrainConfig = Any  # advprune.training.TrainConfig (not imported: it imports this module)
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "build_optimizer", "lr_factor", "register_optimizer"]
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "build_optimizer",
+    "list_optimizers",
+    "lr_factor",
+    "register_optimizer",
+]
 
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "step", "constant", "onecycle")
+ONECYCLE_DIV = 25.0  # OneCycleLR's div_factor: the cycle starts at lr / 25
+ONECYCLE_FINAL_DIV = 1e4  # OneCycleLR's final_div_factor: it ends at lr / 25 / 1e4
 
 OptimizerFactory = Callable[[list[dict[str, Any]], TrainConfig], torch.optim.Optimizer]
 OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
@@ -41,6 +64,32 @@ def _sgd(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimize
         weight_decay=cfg.weight_decay,
         nesterov=cfg.nesterov and cfg.momentum > 0,
     )
+
+
+@register_optimizer("sgd-nesterov")
+def _sgd_nesterov(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if not cfg.momentum > 0:
+        raise ConfigError("optimizer sgd-nesterov needs momentum > 0")
+    return torch.optim.SGD(
+        groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+    )
+
+
+@register_optimizer("adam")
+def _adam(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas),
+                            weight_decay=cfg.weight_decay)  # fmt: skip
+
+
+@register_optimizer("adamw")
+def _adamw(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas),
+                             weight_decay=cfg.weight_decay)  # fmt: skip
+
+
+def list_optimizers() -> list[str]:
+    """Registered optimizer names (``adam``, ``adamw``, ``sgd``, ``sgd-nesterov``, ...)."""
+    return OPTIMIZERS.names()
 
 
 def build_optimizer(
@@ -66,4 +115,15 @@ def lr_factor(config: TrainConfig, progress: float) -> float:
         return config.gamma**passed
     span = max(config.epochs - config.warmup_epochs, 1e-12)
     t = min(max(progress - config.warmup_epochs, 0.0) / span, 1.0)
-    return 0.5 * (1.0 + math.cos(math.pi * t))
+    if config.schedule == "onecycle":
+        peak = getattr(config, "cycle_peak", 0.3)
+        low = 1.0 / ONECYCLE_DIV
+        if t < peak:
+            return _cosine_between(low, 1.0, t / peak)
+        return _cosine_between(1.0, low / ONECYCLE_FINAL_DIV, (t - peak) / max(1.0 - peak, 1e-12))
+    return _cosine_between(1.0, 0.0, t)
+
+
+def _cosine_between(start: float, end: float, t: float) -> float:
+    """Cosine annealing from ``start`` (t = 0) to ``end`` (t = 1)."""
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))

@@ -1,7 +1,13 @@
 """The numeric precision of a training stage, handed to the trainer from outside.
 
-``fp32`` (default) or ``amp``: mixed precision with autocast (float16 and a gradient scaler on
-CUDA, bfloat16 on CPU). The evaluation always runs in fp32.
+- ``fp32`` (default): no autocast.
+- ``bf16``: autocast to bfloat16 (CUDA and CPU); no gradient scaler is needed (bfloat16 has
+  float32's range).
+- ``fp16``: autocast to float16 with a gradient scaler; CUDA only.
+- ``amp``: the earlier ``amp: true`` setting: ``fp16`` on CUDA, ``bf16`` on the CPU.
+
+Master weights, optimizer state and the loss stay float32 in every mode. Evaluation and the
+final robustness numbers always run in fp32; the card records the training precision.
 """
 
 from __future__ import annotations
@@ -12,11 +18,11 @@ from typing import Any
 
 import torch
 
-from advprune.errors import UnknownNameError
+from advprune.errors import ConfigError, UnknownNameError
 
 __all__ = ["PRECISIONS", "Precision"]
 
-PRECISIONS = ("fp32", "amp")
+PRECISIONS = ("fp32", "bf16", "fp16", "amp")
 
 
 @dataclass(frozen=True)
@@ -31,15 +37,46 @@ class Precision:
 
     @classmethod
     def from_amp(cls, amp: bool) -> Precision:
+        """The precision of the earlier ``amp`` switch."""
         return cls("amp" if amp else "fp32")
+
+    @classmethod
+    def from_config(cls, config: Any) -> Precision:
+        """The precision a :class:`~advprune.training.TrainConfig` asks for (``precision``,
+        or the earlier ``amp: true``)."""
+        name = getattr(config, "precision", "fp32")
+        if getattr(config, "amp", False):
+            if name not in ("fp32", "amp"):
+                raise ConfigError(
+                    f"amp and precision {name} both set; set precision only (amp is its old name)"
+                )
+            name = "amp"
+        return cls(name)
 
     @property
     def mixed(self) -> bool:
-        return self.name == "amp"
+        """Whether autocast runs (anything but fp32)."""
+        return self.name != "fp32"
+
+    def resolved(self, device: torch.device) -> str:
+        """``fp32``, ``bf16`` or ``fp16``: what runs on ``device`` (``amp`` made concrete)."""
+        if self.name != "amp":
+            return self.name
+        return "fp16" if device.type == "cuda" else "bf16"
+
+    def check(self, device: torch.device) -> None:
+        """A one-line :class:`ConfigError` if ``device`` cannot train in this precision."""
+        if self.resolved(device) == "fp16" and device.type != "cuda":
+            raise ConfigError(
+                f"precision fp16 needs a CUDA device (float16 autocast with a gradient scaler); "
+                f"on {device.type} use --precision bf16 or fp32"
+            )
 
     def dtype(self, device: torch.device) -> torch.dtype:
         """The autocast dtype on ``device``."""
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            self.resolved(device), torch.float32
+        )
 
     def autocast(self, device: torch.device) -> Any:
         """The autocast context of a training step on ``device``."""
@@ -48,5 +85,6 @@ class Precision:
         return torch.autocast(device.type, dtype=self.dtype(device), enabled=True)
 
     def scaler(self, device: torch.device) -> torch.amp.GradScaler:
-        """A gradient scaler (enabled for float16 on CUDA only)."""
-        return torch.amp.GradScaler("cuda", enabled=self.mixed and device.type == "cuda")
+        """A gradient scaler, enabled for float16 (on CUDA) only."""
+        enabled = self.resolved(device) == "fp16" and device.type == "cuda"
+        return torch.amp.GradScaler("cuda", enabled=enabled)
