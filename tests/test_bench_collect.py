@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from _grid_helpers import BIN90, LWM90, cli, stored_once, write_grid
 
+from _grid_helpers import BIN90, LWM90, cli, stored_once, write_grid
 from advprune.bench.collect import JobRefusedError, collect, ingest
 from advprune.bench.grid import jobs, load_grid, run_job
 from advprune.bench.store import ResultsStore
@@ -62,7 +62,7 @@ def test_ingest_at_once_from_many_threads_stores_once(finished, tmp_path):
     one stores the report (a check outside the write transaction lets several through)."""
     import threading
 
-    path, out = finished
+    _, out = finished
     report = out / "jobs" / LWM90 / "eval" / "report.json"
     store = ResultsStore(tmp_path / "d.sqlite")
     store.add_report(report, BIN90)  # the file exists: the writers only race on the rows

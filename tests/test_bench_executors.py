@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+
 from _grid_helpers import (
     BIN90,
     BIN95,
@@ -22,7 +23,6 @@ from _grid_helpers import (
     wait_for,
     write_grid,
 )
-
 from advprune.bench.executors import default_workers, job_command, slot_env
 from advprune.bench.grid import jobs, load_grid
 
@@ -98,7 +98,9 @@ def test_two_workers_kill_failure_and_rerun(tmp_path):
     assert status.stdout.strip().endswith("4 done")
 
 
-def test_bad_executor_settings_one_line(tmp_path):
+def test_bad_executor_settings_one_line(tmp_path, capsys):
+    from advprune.cli import main
+
     grid = write_grid(tmp_path)
     for args, message in [
         (["--workers", "0"], "--workers must be >= 1"),
@@ -108,8 +110,9 @@ def test_bad_executor_settings_one_line(tmp_path):
         (["--executor", "slurm", "--sbatch", "array=0-3"], "may not set array"),
         (["--executor", "slurm", "--gpus-per-job", "2"], "train on one GPU for now"),
     ]:
-        res = cli("bench", "run", str(grid), "--out", str(tmp_path / "out"), *args)
-        assert res.returncode == 2 and res.stderr.count("\n") == 1, (args, res.stderr)
-        assert message in res.stderr, (args, res.stderr)
-    with pytest.raises(Exception, match="slurm.time"):
+        assert main(["bench", "run", str(grid), "--out", str(tmp_path / "out"), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (args, err)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(Exception, match=r"slurm\.time"):
         load_grid(write_grid(tmp_path, slurm={"time": "0"}))

@@ -8,6 +8,7 @@ import os
 import stat
 
 import pytest
+
 from _grid_helpers import BIN90, BIN95, LWM90, LWM95, cli, job_held, stored_once, write_grid
 
 FAKE_SBATCH = """#!/bin/bash
@@ -140,8 +141,12 @@ def test_sbatch_script_resources_status_and_resubmission(tmp_path, fake_slurm):
     assert submissions[LWM90]["job_id"] == "4242_0"
 
 
-def test_no_slurm_here_is_one_line(tmp_path):
+def test_no_slurm_here_is_one_line(tmp_path, capsys, monkeypatch):
+    from advprune.cli import main
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no srun
     grid = write_grid(tmp_path, executor="slurm")
-    res = cli("bench", "run", str(grid), "--out", str(tmp_path / "out"))
-    assert res.returncode == 2 and res.stderr.count("\n") == 1
-    assert "needs Slurm's sbatch and srun on PATH" in res.stderr
+    assert main(["bench", "run", str(grid), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs Slurm's sbatch and srun on PATH" in err
+    assert not (tmp_path / "out").exists()

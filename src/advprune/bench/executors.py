@@ -393,6 +393,15 @@ def _stop(running: set[subprocess.Popen], lock: threading.Lock) -> None:
 # ---------------------------------------------------------------------------- slurm
 
 
+def _require_slurm() -> None:
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if missing:
+        raise ConfigError(
+            f"--executor slurm needs Slurm's {' and '.join(missing)} on PATH; run it on the "
+            "cluster's login node (or set slurm.cluster: local to try the grid on this machine)"
+        )
+
+
 def _executor(spec: SlurmSpec, folder: Path, grid: Grid) -> Any:
     """The submitit executor of ``spec`` (Slurm, or submitit's LocalExecutor)."""
     import submitit
@@ -403,12 +412,7 @@ def _executor(spec: SlurmSpec, folder: Path, grid: Grid) -> Any:
             timeout_min=spec.time, gpus_per_node=spec.gpus_per_job, tasks_per_node=1, nodes=1
         )
         return ex
-    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
-    if missing:
-        raise ConfigError(
-            f"--executor slurm needs Slurm's {' and '.join(missing)} on PATH; run it on the "
-            "cluster's login node (or set slurm.cluster: local to try the grid on this machine)"
-        )
+    _require_slurm()
     ex = submitit.SlurmExecutor(folder)
     params: dict[str, Any] = {
         "job_name": f"advprune-{grid.name}",
@@ -459,6 +463,8 @@ def submit_slurm(
             f"slurm.gpus_per_job {spec.gpus_per_job}: advprune's grid jobs train on one GPU "
             "for now (multi-GPU jobs wait for DDP training); use gpus_per_job 1"
         )
+    if spec.cluster == "slurm":
+        _require_slurm()  # before anything is written
     plan = _plan(grid, out, store, say)
     states = {s.job.key: s for s in job_states(grid, out, store, collect_first=False)}
     outcome: dict[str, list[Job]] = {

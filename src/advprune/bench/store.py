@@ -340,8 +340,8 @@ class ResultsStore:
                 same = (
                     once
                     and con.execute(
-                        "SELECT 1 FROM results WHERE key=? AND protocol=? AND attack=? AND report=? "
-                        "AND per_sample_sha256 IS ?",
+                        "SELECT 1 FROM results WHERE key=? AND protocol=? AND attack=? "
+                        "AND report=? AND per_sample_sha256 IS ?",
                         (key, protocol, WORST_CASE, report_json, sha),
                     ).fetchone()
                 )
