@@ -72,10 +72,10 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
     p = bench.add_parser(
         "plan",
         help="estimate the GPU-hours and wall time of a grid on N GPUs",
-        description="Estimates from per-stage costs: training throughput (images/s of one "
-        "forward+backward pass) and evaluation throughput (points/s of the protocol) per "
-        "architecture, from advprune's data file (bench/data/throughput.yaml, each figure with "
-        "its source) or --train-rate / --eval-rate.",
+        description="Counts each job's training and evaluation in training passes (one "
+        "image through forward + backward + step) and divides by each architecture's measured "
+        "throughput (advprune's data file bench/data/stage_costs.yaml, every figure with its "
+        "source; figures not measured are printed as ASSUMED) or --train-rate / --eval-rate.",
     )
     p.add_argument("grid", help="grid file (YAML)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs running jobs at once (default 1)")
@@ -93,6 +93,11 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
         "--train-size", action="append", default=[], metavar="DATASET=N",
         help="training images of DATASET (default: the data file's)",
     )  # fmt: skip
+    p.add_argument(
+        "--models", type=int, help="scale to N jobs of the grid's mix (e.g. the APB's 240)"
+    )
+    p.add_argument("--clean", type=float, help="clean accuracy the attack costs assume (0.8)")
+    p.add_argument("--robust", type=float, help="robust accuracy the attack costs assume (0.45)")
     p.set_defaults(func=cmd_plan)
 
 
@@ -266,14 +271,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from advprune.bench.grid import load_grid
     from advprune.bench.plan import format_plan, plan_grid
 
-    if args.gpus < 1:
-        raise ConfigError(f"--gpus must be >= 1, got {args.gpus}")
     grid = load_grid(args.grid)
     plan = plan_grid(
         grid, gpus=args.gpus, device=args.device,
         train_rates=_rates(args.train_rate, "--train-rate"),
         eval_rates=_rates(args.eval_rate, "--eval-rate"),
         train_sizes={k: int(v) for k, v in _rates(args.train_size, "--train-size").items()},
+        clean=args.clean, robust=args.robust, models=args.models,
     )  # fmt: skip
     print(format_plan(plan))
     return 0
