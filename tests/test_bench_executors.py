@@ -34,6 +34,7 @@ def test_pinning_and_default_workers(monkeypatch, tmp_path):
     assert {p["OMP_NUM_THREADS"] for p in pins} == {"2"}
     assert "CUDA_VISIBLE_DEVICES" not in slot_env(0, 4, [], 2)
     assert slot_env(0, 4, [], 2)["OMP_NUM_THREADS"] == "1"  # never 0 threads
+    assert slot_env(1, 4, gpus, 8, threads=1)["OMP_NUM_THREADS"] == "1"  # --threads wins
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7")
     assert default_workers() == 3
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
@@ -104,6 +105,8 @@ def test_bad_executor_settings_one_line(tmp_path, capsys):
     grid = write_grid(tmp_path)
     for args, message in [
         (["--workers", "0"], "--workers must be >= 1"),
+        (["--threads", "0"], "--threads must be >= 1"),
+        (["--executor", "slurm", "--threads", "2"], "Slurm jobs get --cpus-per-job"),
         (["--partition", "gpu"], "need --executor slurm"),
         (["--executor", "slurm", "--time", "soon"], "minutes or [D-]HH:MM:SS"),
         (["--executor", "slurm", "--mem", "lots"], "memory text like 32G"),

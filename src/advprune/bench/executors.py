@@ -150,10 +150,13 @@ def default_workers() -> int:
     return len(gpus) if gpus else max(1, usable_cpus() // 2)
 
 
-def slot_env(slot: int, workers: int, gpus: list[str], cpus: int) -> dict[str, str]:
-    """The pinning of worker ``slot`` of ``workers``: its GPU and its share of threads."""
-    threads = str(max(1, cpus // workers))
-    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+def slot_env(
+    slot: int, workers: int, gpus: list[str], cpus: int, threads: int | None = None
+) -> dict[str, str]:
+    """The pinning of worker ``slot`` of ``workers``: its GPU and ``threads`` CPU threads
+    (default: its share of the ``cpus`` cores)."""
+    count = str(threads or max(1, cpus // workers))
+    env = {"OMP_NUM_THREADS": count, "MKL_NUM_THREADS": count}
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
     return env
@@ -281,12 +284,14 @@ def run_local(
     store: str | Path,
     *,
     workers: int | None = None,
+    threads: int | None = None,
     progress: ProgressSetting = True,
     say: Callable[[str], None] = lambda line: print(line, flush=True),
 ) -> dict[str, list[Job]]:
     """Run every job of ``grid`` not done yet, ``workers`` processes at once (default
-    :func:`default_workers`), and store each as it finishes; a failed job is reported (with
-    the last lines of its log) and the others go on.
+    :func:`default_workers`) of ``threads`` CPU threads each (default: cores // workers),
+    and store each as it finishes; a failed job is reported (with the last lines of its
+    log) and the others go on.
 
     Returns the jobs by outcome: ``done`` (stored before), ``ran``, ``failed``, ``skip``,
     ``refused`` (a finished folder the store refused).
@@ -304,6 +309,8 @@ def run_local(
     workers = workers or default_workers()
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
     snapshot = grid_snapshot(grid_file, out)
     mode = resolve(progress)
     mode = "lines" if mode == "bar" else mode  # job output goes to log files
@@ -319,7 +326,7 @@ def run_local(
     def work(job: Job) -> tuple[int, float, Path]:
         slot = slots.get()
         try:
-            pins = slot_env(slot, workers, gpus, cpus)
+            pins = slot_env(slot, workers, gpus, cpus, threads)
             env = {**os.environ, **pins, "ADVPRUNE_DIE_WITH_PARENT": "1"}
             log = out / "logs" / f"{job.key}.log"
             cmd = job_command(snapshot, job, out, progress=mode)

@@ -40,6 +40,10 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction)
         "--workers", type=int,
         help="local: jobs at once (default: the grid's, else one per GPU, else one per 2 cores)",
     )  # fmt: skip
+    p.add_argument(
+        "--threads", type=int,
+        help="local: CPU threads per job (default: the cores divided among the workers)",
+    )  # fmt: skip
     p.add_argument("--wait", action="store_true", help="slurm: wait for the jobs and store them")
     g = p.add_argument_group("Slurm resources per job (override the grid file's slurm: block)")
     g.add_argument("--partition")
@@ -127,11 +131,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("Slurm flags (--partition, --time, --wait, ...) need --executor slurm")
     from advprune.bench.executors import run_local
 
-    if args.workers is not None and args.workers < 1:
-        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    for flag in ("workers", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     outcome = run_local(
-        args.grid, grid, out, store, workers=args.workers or grid.workers, progress=args.progress
-    )
+        args.grid, grid, out, store, workers=args.workers or grid.workers, threads=args.threads,
+        progress=args.progress,
+    )  # fmt: skip
     refused = f", {len(outcome['refused'])} refused" if outcome["refused"] else ""
     print(
         f"grid {grid.name}: {len(outcome['ran'])} ran, {len(outcome['done'])} already stored, "
@@ -169,8 +175,10 @@ def _slurm_spec(args: argparse.Namespace, grid: Any) -> Any:
 def _submit(args: argparse.Namespace, grid: Any, out: Path, store: Path) -> int:
     from advprune.bench.executors import submit_slurm
 
-    if args.workers is not None:
-        raise ConfigError("--workers is for --executor local; Slurm runs the array's jobs")
+    if args.workers is not None or args.threads is not None:
+        raise ConfigError(
+            "--workers / --threads are for --executor local; Slurm jobs get --cpus-per-job"
+        )
     outcome = submit_slurm(
         args.grid, grid, out, store, _slurm_spec(args, grid), progress=args.progress,
         wait=args.wait, poll_s=float(os.environ.get("ADVPRUNE_POLL_S", "30")),
