@@ -1,7 +1,7 @@
 """Training throughput per architecture: forward + backward passes per second (fp32, SGD step
 included), the unit `advprune bench plan` counts training and evaluation in.
 
-    python benchmarks/stage_costs.py                          # CPU, this machine's threads
+    python benchmarks/stage_costs.py --threads 1 --batch 32   # CPU, one thread (as grid jobs)
     python benchmarks/stage_costs.py --device cuda --batch 128  # on a GPU: numbers for
         `advprune bench plan --train-rate ARCH=N` (replace the data file's assumptions)
 
@@ -15,9 +15,9 @@ import argparse
 import os
 import platform
 import time
-from pathlib import Path
 
 import torch
+from _results import write_results
 
 from advprune.models import create, default_input_size
 
@@ -59,8 +59,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--seconds", type=float, default=10.0, help="timed seconds per architecture")
     p.add_argument("--archs", default=",".join(ARCHS))
+    p.add_argument(
+        "--threads", type=int, help="CPU threads (default torch's; grid jobs pinned to one: 1)"
+    )
     p.add_argument("--out", default="benchmarks/results/stage_costs.md")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     rows = []
     for name in args.archs.split(","):
@@ -74,7 +79,8 @@ def main() -> None:
         "# Training throughput per architecture (forward + backward + SGD step, fp32)",
         "",
         f"Command: `python benchmarks/stage_costs.py --device {args.device} --batch "
-        f"{args.batch} --seconds {args.seconds}`",
+        f"{args.batch} --seconds {args.seconds}"
+        + (f" --threads {args.threads}`" if args.threads else "`"),
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {device}, torch "
         f"{torch.__version__}, {torch.get_num_threads()} thread(s); load average "
@@ -88,11 +94,7 @@ def main() -> None:
         lines.append(
             f"| {name} | {'x'.join(map(str, size))} | {args.batch} | {rate:.1f} | {steps} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(f"wrote {args.out}")
+    write_results(lines, args.out)
 
 
 if __name__ == "__main__":
