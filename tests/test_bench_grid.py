@@ -1,4 +1,5 @@
-"""Grid runs: jobs, the store, skipping, resuming after a crash, one process per job."""
+"""Grid runs: jobs, job folders and the store, skipping, resuming after a crash, one process
+per job."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import pytest
 import yaml
 
+from advprune.bench.collect import ingest
 from advprune.bench.grid import jobs, load_grid, run_job
 from advprune.bench.store import ResultsStore
 from advprune.cli import main
@@ -52,7 +54,7 @@ def test_jobs_keys_and_skips(tmp_path, capsys):
     assert [j.skip is not None for j in all_jobs] == [False] * 5 + [True]
     assert main(["bench", "run", str(write(tmp_path)), "--list", "--out", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 6 and "pending" in lines[0] and "skip" in lines[5]
+    assert len(lines) == 6 and "not-started" in lines[0] and "skip" in lines[5]
     assert "does not support filters" in lines[5]
 
 
@@ -85,19 +87,24 @@ def test_run_store_skip_and_resume_after_crash(tmp_path, monkeypatch):
     grid = load_grid(write(tmp_path))
     out, store = tmp_path / "out", tmp_path / "out" / "results.sqlite"
     lwm, hydra = jobs(grid)[0], jobs(grid)[2]
-    rows = run_job(grid, lwm, out, store, progress=False)
-    assert rows[-1].key == LWM and rows[-1].n == 24 and rows[-1].protocol == "linf-3/16"
+    record = run_job(grid, lwm, out, progress=False)
+    assert record["key"] == LWM and record["protocol"] == "linf-3/16"
+    assert not store.exists()  # a job writes its folder, never the store
+    assert ingest(grid, lwm, out, store) is True
+    rows = ResultsStore(store).results(key=LWM)
+    assert rows[-1].n == 24 and rows[-1].protocol == "linf-3/16"
     dense = out / "dense" / "digits_cnn_digits" / "model.safetensors"
     dense_mtime = dense.stat().st_mtime_ns
     # a crash after the prune stage: the rerun reuses it (and the dense model), then finetunes
     monkeypatch.setenv("ADVPRUNE_GRID_CRASH", "after-prune")
     with pytest.raises(RuntimeError, match="test hook"):
-        run_job(grid, hydra, out, store, progress=False)
+        run_job(grid, hydra, out, progress=False)
     folder = out / "jobs" / hydra.key
     pruned = (folder / "prune" / "model.safetensors").stat().st_mtime_ns
-    assert not (folder / "finetune").exists() and not ResultsStore(store).has(hydra.key)
+    assert not (folder / "finetune").exists() and ingest(grid, hydra, out, store) is None
     monkeypatch.delenv("ADVPRUNE_GRID_CRASH")
-    run_job(grid, hydra, out, store, progress=False)
+    run_job(grid, hydra, out, progress=False)
+    assert ingest(grid, hydra, out, store) is True
     assert (folder / "prune" / "model.safetensors").stat().st_mtime_ns == pruned
     assert (folder / "finetune" / "done").exists()
     assert dense.stat().st_mtime_ns == dense_mtime
@@ -110,8 +117,12 @@ def test_run_store_skip_and_resume_after_crash(tmp_path, monkeypatch):
     # a grid changed since: the finished stage of other settings is refused, not reused
     changed = yaml.safe_load(yaml.safe_dump(GRID, sort_keys=False))
     changed["methods"]["hydra"]["finetune"]["epochs"] = 2
+    changed_grid = load_grid(write(tmp_path, changed, "changed.yaml"))
+    with pytest.raises(ConfigError, match=r"finished job with other settings \(stages.finetune.ep"):
+        run_job(changed_grid, hydra, out)
+    (folder / "done").unlink()  # without the job's record, the finished stage's guard holds
     with pytest.raises(ConfigError, match=r"finished finetune stage with other settings \(epochs"):
-        run_job(load_grid(write(tmp_path, changed, "changed.yaml")), hydra, out, store)
+        run_job(changed_grid, hydra, out)
 
 
 def test_one_process_per_job_failure_and_rerun(tmp_path, capfd):
@@ -127,8 +138,8 @@ def test_one_process_per_job_failure_and_rerun(tmp_path, capfd):
         fcntl.flock(lock, fcntl.LOCK_EX)
         assert main(["bench", "run", str(path), "--out", str(out), "--no-progress"]) == 1
     text = capfd.readouterr()
-    assert "is running in another process" in text.err
     assert f"{binary}: FAILED (exit 2)" in text.out
+    assert "is running in another process" in text.out  # the last lines of its log
     assert "1 ran, 0 already stored, 0 skipped, 1 failed" in text.out
     store = ResultsStore(out / "results.sqlite")
     assert store.keys() == [LWM]

@@ -13,34 +13,43 @@ A grid file (YAML) names the jobs::
     structures: [unstructured]
     sparsities: {unstructured: [0.9, 0.95, 0.99]}
     evaluation: {attacks: [autoattack, hofmn], eps: 3/16, n: null}   # certify: [ibp] too
+    executor: local                     # or slurm (advprune.bench.executors); --executor wins
+    workers: 4                          # local: jobs at once (default: one per GPU / 2 cores)
+    slurm: {partition: gpu, time: "12:00:00", gpus_per_job: 1, cpus_per_job: 8, mem: 32G}
 
 A method's other stages take their settings from ``methods.NAME.stages.STAGE``; every stage
 of the method runs through :func:`advprune.pipeline.run_method`, in the method's order.
 
 Each job runs in ``OUT/jobs/<model key>/``: ``prune/`` and ``finetune/`` (the method's
 stages), ``export/`` (the plain dense checkpoint) and ``eval/`` (the report; resumes per
-batch); then the report is added to the results store under the job's model key. A finished
-stage is reused (its ``done`` marker records the settings it ran with; a grid file changed
-since is an error, not a stale model), an interrupted one resumes from its last epoch. A job
-whose key and protocol are in the store is skipped. The dense model of each (architecture,
-dataset) is trained once in ``OUT/dense/<arch>_<dataset>/`` under a file lock. The whole
-file (methods and their options, attacks, keys) is validated before any job runs.
+batch); last, the job writes its ``done`` record (the job's settings and their sha256, the
+sha256 of its report and per-sample file), atomically. A job never writes the results store:
+the submitting machine ingests finished job folders (:mod:`advprune.bench.collect`), so no
+SQLite file is written from many compute nodes. A finished stage is reused (its ``done``
+marker records the settings it ran with; a grid file changed since is an error, not a stale
+model), an interrupted one resumes from its last epoch; a job whose ``done`` record is valid
+is never redone. The dense model of each (architecture, dataset) is trained once in
+``OUT/dense/<arch>_<dataset>/`` under a file lock. The whole file (methods and their options,
+attacks, keys, executor settings) is validated before any job runs.
 
-``run_grid`` starts one process per job (``advprune bench run GRID --job K``), so a failure
-or a crash stays in its job; a cluster scheduler can run ``--job K`` itself (``--list``).
+:func:`run_job` runs one job in this process (``advprune bench run GRID --job K``, what every
+executor starts); the executors (:mod:`advprune.bench.executors`) run many: ``local`` (K
+processes at once on this machine) or ``slurm`` (a submitit job array).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
-import subprocess
-import sys
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -55,9 +64,24 @@ from pydantic import (
 from advprune._validation import first_validation_error
 from advprune.bench.keys import make_key
 from advprune.errors import AdvpruneError, ConfigError
-from advprune.progress import ProgressSetting, resolve
+from advprune.progress import ProgressSetting
 
-__all__ = ["Grid", "Job", "jobs", "load_grid", "run_grid", "run_job"]
+__all__ = [
+    "JOB_DONE",
+    "Grid",
+    "Job",
+    "SlurmSpec",
+    "job_folder",
+    "job_settings",
+    "jobs",
+    "load_grid",
+    "read_job_record",
+    "run_grid",
+    "run_job",
+]
+
+JOB_DONE = "done"  # a finished job's record, in its folder (written last, atomically)
+JOB_RECORD_FORMAT = "advprune-grid-job"
 
 
 class MethodSpec(BaseModel):
@@ -155,6 +179,79 @@ class EvaluationSpec(BaseModel):
         return value
 
 
+def minutes(value: int | str, what: str = "time") -> int:
+    """Slurm time as whole minutes: ``90``, ``"90"``, ``"12:00:00"``, ``"1-00:00:00"``."""
+    text = str(value).strip()
+    try:
+        days, _, clock = text.rpartition("-") if "-" in text else ("0", "", text)
+        parts = [int(p) for p in clock.split(":")]
+        if len(parts) == 1:
+            h, m, sec = 0, parts[0], 0
+        elif len(parts) == 2:
+            h, m, sec = parts[0], parts[1], 0
+        elif len(parts) == 3:
+            h, m, sec = parts
+        else:
+            raise ValueError
+        total = int(days) * 24 * 60 + h * 60 + m + (1 if sec > 0 else 0)
+    except ValueError:
+        raise ConfigError(
+            f"{what} must be minutes or [D-]HH:MM:SS (e.g. 90, 12:00:00), got {value!r}"
+        ) from None
+    if total <= 0 or min(parts) < 0:
+        raise ConfigError(f"{what} must be > 0, got {value!r}")
+    return total
+
+
+class SlurmSpec(BaseModel):
+    """Resources of each job of a Slurm job array (``advprune bench run --executor slurm``).
+
+    ``time`` is minutes or ``[D-]HH:MM:SS``; ``mem`` is Slurm's text (``32G``, ``500M``);
+    ``sbatch`` adds any other ``#SBATCH --KEY=VALUE`` (``{constraint: a100, exclusive: true}``);
+    ``setup`` are shell lines run before the job (``module load ...``, ``source venv``).
+    ``cluster: local`` runs the same submission through submitit's LocalExecutor on this
+    machine, to try a Slurm grid without a cluster.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    cluster: Literal["slurm", "local"] = "slurm"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: int | str = 24 * 60
+    gpus_per_job: int = Field(default=1, ge=0)
+    cpus_per_job: int = Field(default=8, ge=1)
+    mem: str | None = None
+    array_parallelism: int = Field(default=256, ge=1)
+    setup: list[str] = []
+    sbatch: dict[str, str | int | bool] = {}
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, value: int | str) -> int:
+        return minutes(value, "slurm.time")
+
+    @field_validator("mem")
+    @classmethod
+    def _mem(cls, value: str | None) -> str | None:
+        import re
+
+        if value is None:
+            return None
+        if not re.fullmatch(r"\d+(\.\d+)?[KMGT]?B?", str(value).strip(), re.I):
+            raise ConfigError(f"slurm.mem must be memory text like 32G or 500M, got {value!r}")
+        return str(value).strip().upper()
+
+    @field_validator("sbatch")
+    @classmethod
+    def _sbatch(cls, value: dict[str, Any]) -> dict[str, Any]:
+        own = {"array", "output", "error", "job-name", "job_name", "wckey", "open-mode"}
+        taken = sorted(k for k in value if k.replace("_", "-") in own)
+        if taken:
+            raise ConfigError(f"slurm.sbatch may not set {', '.join(taken)} (submitit sets them)")
+        return value
+
+
 class Grid(BaseModel):
     """A validated grid file (see the module docstring)."""
 
@@ -168,6 +265,9 @@ class Grid(BaseModel):
     structures: list[str] = ["unstructured"]
     sparsities: dict[str, list[float]]
     evaluation: EvaluationSpec = EvaluationSpec()
+    executor: Literal["local", "slurm"] = "local"
+    workers: int | None = Field(default=None, ge=1)
+    slurm: SlurmSpec = SlurmSpec()
 
     def config(self, **overrides: Any) -> Any:
         """A RunConfig of the base settings with ``overrides`` (validated)."""
@@ -294,25 +394,17 @@ def _locked(path: Path, *, wait: bool) -> Iterator[bool]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def run_job(
-    grid: Grid, job: Job, out: str | Path, store: str | Path, *, progress: ProgressSetting = True
-):
-    """Run one job (pretrain if needed, prune, finetune, export, evaluate, store).
+def job_folder(out: str | Path, job: Job) -> Path:
+    """The folder of ``job`` under the grid's output folder ``out``."""
+    return Path(out) / "jobs" / job.key
 
-    Returns the stored rows. Raises :class:`ConfigError` if the job is running in another
-    process.
-    """
-    from advprune.bench.store import ResultsStore
-    from advprune.checkpoint import export_checkpoint, load_checkpoint, read_card
-    from advprune.evaluation import evaluate
-    from advprune.pipeline import MODEL_FILE, cached_stage, prepare_data, run_method
 
-    if job.skip:
-        raise ConfigError(f"job {job.index} ({job.key}) is not runnable: {job.skip}")
-    out = Path(out)
-    folder = out / "jobs" / job.key
-    spec = grid.methods[job.method]
+def _stage_config(grid: Grid, job: Job, stage: str, progress: ProgressSetting = False) -> Any:
+    """The RunConfig of one stage of ``job`` (``pretrain``: the shared dense model's)."""
     place = dict(dataset=job.dataset, model=job.arch, progress=progress)
+    if stage == "pretrain":
+        return grid.config(**{**place, **grid.pretrain})
+    spec = grid.methods[job.method]
     common = dict(
         place,
         method=job.method,
@@ -320,12 +412,78 @@ def run_job(
         structure=job.structure,
         method_options=spec.options,
     )
+    return grid.config(**{**common, **spec.stage(stage)})
+
+
+def job_settings(grid: Grid, job: Job) -> dict[str, Any]:
+    """Everything that decides a job's result (JSON): its key and protocol, every stage's
+    settings and the evaluation; its ``done`` record must hold exactly these."""
+    from advprune.methods import method_class
+    from advprune.pipeline import stage_settings
+
+    names = method_class(job.method).stages
+    stages = {s: stage_settings(_stage_config(grid, job, s)) for s in names}
+    return json.loads(
+        json.dumps(
+            {
+                "key": job.key,
+                "protocol": protocol(grid, job),
+                "stages": stages,
+                "evaluation": grid.evaluation.model_dump(mode="json"),
+            },
+            default=str,
+        )
+    )
+
+
+def settings_sha256(settings: Any) -> str:
+    """sha256 of the canonical JSON of ``settings`` (sorted keys)."""
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_job_record(folder: str | Path) -> dict[str, Any] | None:
+    """The ``done`` record of a job folder (None when there is none); an unreadable one is a
+    :class:`ConfigError`."""
+    from advprune.io import read_json_record
+
+    record = read_json_record(
+        Path(folder) / JOB_DONE, what="a finished job's record",
+        hint=f"remove {Path(folder) / JOB_DONE} to rerun the job",
+    )  # fmt: skip
+    if record is not None and (
+        not isinstance(record, dict) or record.get("format") != JOB_RECORD_FORMAT
+    ):
+        raise ConfigError(
+            f"{Path(folder) / JOB_DONE} is not an advprune job record; remove it to rerun the job"
+        )
+    return record
+
+
+def run_job(
+    grid: Grid, job: Job, out: str | Path, *, progress: ProgressSetting = True
+) -> dict[str, Any]:
+    """Run one job (pretrain if needed, its method's stages, export, evaluate) in its folder
+    and write its ``done`` record; never touches the results store.
+
+    Returns the ``done`` record (that of the earlier run when the job is already finished
+    with the same settings). Raises :class:`ConfigError` if the job is running in another
+    process, or its folder holds a finished job of other settings.
+    """
+    from advprune.checkpoint import export_checkpoint, load_checkpoint, read_card, sha256_file
+    from advprune.evaluation import evaluate
+    from advprune.io import check_same_settings, write_json_atomic
+    from advprune.pipeline import MODEL_FILE, cached_stage, prepare_data, run_method
+
+    if job.skip:
+        raise ConfigError(f"job {job.index} ({job.key}) is not runnable: {job.skip}")
+    out = Path(out)
+    folder = job_folder(out, job)
     dense = f"{job.arch}_{job.dataset}"  # the dense model shared by the jobs of (arch, dataset)
+    settings = job_settings(grid, job)
 
     def config_for(stage: str) -> Any:
-        if stage == "pretrain":
-            return grid.config(**{**place, **grid.pretrain})
-        return grid.config(**{**common, **spec.stage(stage)})
+        return _stage_config(grid, job, stage, progress)
 
     def folder_for(stage: str) -> Path:
         return out / "dense" / dense if stage == "pretrain" else folder / stage
@@ -342,6 +500,14 @@ def run_job(
     with _locked(out / "jobs" / f"{job.key}.lock", wait=False) as mine:
         if not mine:
             raise ConfigError(f"job {job.index} ({job.key}) is running in another process")
+        before = read_job_record(folder)
+        if before is not None:
+            check_same_settings(
+                folder, before.get("settings"), settings, what="a finished job",
+                hint="remove it or use another --out",
+            )  # fmt: skip
+            return before
+        started = datetime.now(timezone.utc)
         data = prepare_data(config_for("prune"))
         _, _, final = run_method(
             config_for, folder_for, data=data, lock_for=lock_for, after_stage=after_stage
@@ -355,7 +521,10 @@ def run_job(
         model, card = cached_stage(folder / "export", "export", {"source": source}, export)
         after_stage("export")
         ev = grid.evaluation
-        ecfg = grid.config(**common)
+        ecfg = grid.config(
+            dataset=job.dataset, model=job.arch, method=job.method, sparsity=job.sparsity,
+            structure=job.structure, method_options=grid.methods[job.method].options,
+        )  # fmt: skip
         report = evaluate(
             model,
             data.splits,
@@ -388,7 +557,29 @@ def run_job(
                 norm=ecfg.norm, n=ev.n, sigma=sigma, batch_size=ev.batch_size, seed=ev.seed,
                 progress=progress, **certifier_settings(ev.certify, **opts),
             )  # fmt: skip
-        return ResultsStore(store).add_report(folder / "eval" / "report.json", job.key)
+        after_stage("eval")
+        report_file = folder / "eval" / "report.json"
+        per_sample = (report.files or {}).get("per_sample")
+        record = {
+            "format": JOB_RECORD_FORMAT,
+            "version": 1,
+            "key": job.key,
+            "index": job.index,
+            "protocol": settings["protocol"],
+            "settings": settings,
+            "settings_sha256": settings_sha256(settings),
+            "report": "eval/report.json",
+            "report_sha256": sha256_file(report_file),
+            "per_sample": f"eval/{per_sample}" if per_sample else None,
+            "per_sample_sha256": sha256_file(folder / "eval" / per_sample) if per_sample else None,
+            "clean_accuracy": report.clean_accuracy,
+            "robust_accuracy": report.robust_accuracy,
+            "host": socket.gethostname(),
+            "started": started.isoformat(timespec="seconds"),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_json_atomic(folder / JOB_DONE, record)
+        return record
 
 
 def _crash_point() -> str | None:
@@ -396,36 +587,18 @@ def _crash_point() -> str | None:
     return os.environ.get("ADVPRUNE_GRID_CRASH")
 
 
-def job_status(grid: Grid, job: Job, store: str | Path) -> str:
-    """``done`` (in the store), ``skip`` (unsupported) or ``pending``."""
-    from advprune.bench.store import ResultsStore
-
-    if job.skip:
-        return "skip"
-    return "done" if ResultsStore(store).has(job.key, protocol(grid, job)) else "pending"
-
-
 def run_grid(
-    path: str | Path, out: str | Path, store: str | Path, *, progress: ProgressSetting = True
-) -> dict[str, list[Job]]:
-    """Run every pending job of the grid file ``path``, one process per job, in order.
+    path: str | Path,
+    out: str | Path,
+    store: str | Path,
+    *,
+    progress: ProgressSetting = True,
+    workers: int | None = None,
+) -> Any:
+    """Run every job of the grid file ``path`` not yet done with the local executor
+    (``workers`` processes at once) and store the results; see
+    :func:`advprune.bench.executors.run_local`."""
+    from advprune.bench.executors import run_local
 
-    A failed job is reported and the others go on. Returns the jobs by outcome
-    (``done``: already stored, ``ran``, ``failed``, ``skip``).
-    """
     grid = load_grid(path)
-    outcome: dict[str, list[Job]] = {"done": [], "ran": [], "failed": [], "skip": []}
-    for job in jobs(grid):
-        status = job_status(grid, job, store)
-        if status != "pending":
-            outcome[status].append(job)
-            continue
-        print(f"[{job.index}] {job.key}: running", flush=True)
-        cmd = [sys.executable, "-m", "advprune.cli", "bench", "run", str(path), "--job",
-               str(job.index), "--out", str(out), "--store", str(store)]  # fmt: skip
-        cmd += ["--progress", resolve(progress)]  # the same mode in every job
-        code = subprocess.call(cmd)
-        outcome["ran" if code == 0 else "failed"].append(job)
-        if code:
-            print(f"[{job.index}] {job.key}: FAILED (exit {code})", flush=True)
-    return outcome
+    return run_local(path, grid, out, store, workers=workers or grid.workers, progress=progress)

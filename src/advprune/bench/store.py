@@ -234,6 +234,23 @@ class ResultsStore:
         the report file) resolves the report's relative file names. The rows of the same
         (key, protocol) are replaced in one transaction; returns the new rows.
         """
+        _, key, protocol = self._add(report, key, report_dir=report_dir, once=False)
+        return self.results(key=key, protocol=protocol)
+
+    def add_report_once(
+        self, report: Any, key: str | None = None, *, report_dir: str | Path | None = None
+    ) -> bool:
+        """Like :meth:`add_report`, but leave the store untouched when the same report (the
+        same JSON and per-sample file) is already stored under its (key, protocol): the check
+        and the write are one transaction, so processes ingesting the same report at once
+        store it once. Returns whether this call stored it."""
+        return self._add(report, key, report_dir=report_dir, once=True)[0]
+
+    def _add(
+        self, report: Any, key: str | None, *, report_dir: str | Path | None, once: bool
+    ) -> tuple[bool, str, str]:
+        """Write the rows of ``report`` (``once``: unless the same report is stored); return
+        whether it wrote them, the key and the protocol."""
         from advprune.checkpoint import sha256_file
         from advprune.evaluation import load_report
 
@@ -320,13 +337,22 @@ class ResultsStore:
         with self._connect(write=True) as con:
             con.execute("BEGIN IMMEDIATE")
             try:
-                con.execute("DELETE FROM results WHERE key=? AND protocol=?", (key, protocol))
-                self._insert(con, sql, [tuple(r[c] for c in _COLUMNS) for r in rows])
+                same = (
+                    once
+                    and con.execute(
+                        "SELECT 1 FROM results WHERE key=? AND protocol=? AND attack=? "
+                        "AND report=? AND per_sample_sha256 IS ?",
+                        (key, protocol, WORST_CASE, report_json, sha),
+                    ).fetchone()
+                )
+                if not same:
+                    con.execute("DELETE FROM results WHERE key=? AND protocol=?", (key, protocol))
+                    self._insert(con, sql, [tuple(r[c] for c in _COLUMNS) for r in rows])
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
-        return self.results(key=key, protocol=protocol)
+        return not same, key, protocol
 
     @staticmethod
     def _insert(con: sqlite3.Connection, sql: str, rows: list[tuple]) -> None:
