@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -343,6 +343,16 @@ def make_method(cfg: RunConfig) -> Method:
     )
 
 
+@contextlib.contextmanager
+def _seeded(seed: int, *salt: int) -> Iterator[None]:
+    """torch's RNG seeded from ``(seed, *salt)`` inside, restored after: what a method draws
+    (initial scores, random masks) depends on the run's seed only, never on what this process
+    drew before (which differs between the CLI, a grid job and a torchrun rank)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed if not salt else hash((seed, *salt)) & 0x7FFF_FFFF_FFFF_FFFF)
+        yield
+
+
 def prune_stage(
     cfg: RunConfig,
     data: Data,
@@ -359,7 +369,8 @@ def prune_stage(
     training goes to ``out/round_R`` folders, so an interrupted stage resumes.
     """
     method = make_method(cfg)
-    pruned = method.prepare(copy.deepcopy(model))
+    with _seeded(cfg.seed):
+        pruned = method.prepare(copy.deepcopy(model))
     kinds = method.trainable("prune")
     card = _card(cfg, data, method=method.config(), sparsity={"target": cfg.sparsity})
     train = bool(kinds) and cfg.epochs > 0
@@ -368,7 +379,8 @@ def prune_stage(
     targets: dict[str, float] = {}
     objective_record = None
     for r in range(method.rounds):
-        targets = method.prune_round(pruned, r)
+        with _seeded(cfg.seed, r):  # random scores (binary, HYDRA) depend on the seed only
+            targets = method.prune_round(pruned, r)
         card["sparsity"]["target_layers"] = targets
         if train:
             assert out is not None
