@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _digits_models import digits_splits, natural_digits_model
 
+from _digits_models import digits_splits, natural_digits_model
 from advprune.errors import ConfigError
 from advprune.evaluation import evaluate
 from advprune.evaluation.shards import AUTO_BATCH_CPU, eval_devices
@@ -148,6 +148,6 @@ def test_hofmn_tuning_is_reused_for_the_same_model_only(tmp_path: Path) -> None:
 def test_bad_devices_are_one_line_errors() -> None:
     with pytest.raises(ConfigError, match="devices must be >= 1"):
         eval_devices(0)
-    with pytest.raises(ConfigError, match="mixes CPU and GPU|CUDA is not available"):
+    with pytest.raises(ConfigError, match=r"mixes CPU and GPU|CUDA is not available"):
         eval_devices(["cpu", "cuda:0"])
     assert eval_devices(["cpu", "cpu"]) == [torch.device("cpu")] * 2
