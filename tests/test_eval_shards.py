@@ -9,6 +9,7 @@ chooses which process runs it, and the merge orders batches by index.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -151,3 +152,32 @@ def test_bad_devices_are_one_line_errors() -> None:
     with pytest.raises(ConfigError, match=r"mixes CPU and GPU|CUDA is not available"):
         eval_devices(["cpu", "cuda:0"])
     assert eval_devices(["cpu", "cpu"]) == [torch.device("cpu")] * 2
+
+
+def test_eval_under_torchrun_writes_the_report_of_one_process(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from advprune.checkpoint import save_checkpoint
+    from advprune.cli import main
+
+    ckpt = save_checkpoint(tmp_path / "model.safetensors", natural_digits_model(),
+                           {"dataset": "digits"})  # fmt: skip
+    args = ["eval", str(ckpt), "--attacks", "apgd-ce", "--eps", "3/16", "--eval-n", "32",
+            "--batch-size", "16", "--check-n", "16", "--progress", "off"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "advprune.cli", *args, "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("evaluation: digits n=32") == 1  # rank 0 prints the report
+    one = np.load(tmp_path / "one" / "per_sample.npz")
+    two = np.load(tmp_path / "two" / "per_sample.npz")
+    assert one.files == two.files
+    for key in one.files:
+        assert np.array_equal(one[key], two[key]), key
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["settings"]["processes"] == 2
