@@ -94,7 +94,7 @@ def _worker(
     devices: list[torch.device],
     port: int,
     threads: int,
-    model: nn.Module,
+    model: nn.Module | Path,
     data: Any,
     kwargs: dict[str, Any],
     errors: str,
@@ -110,6 +110,10 @@ def _worker(
     if device.type == "cpu":
         torch.set_num_threads(threads)
     try:
+        if isinstance(model, Path):  # a pruned advprune model, sent as its checkpoint
+            from advprune.checkpoint import load_checkpoint
+
+            model, _ = load_checkpoint(model)
         init_distributed("cuda" if device.type == "cuda" else "cpu")
         evaluate(model, data, **{**kwargs, "device": device})
     except AdvpruneError as exc:  # the parent raises it as one line
@@ -136,7 +140,7 @@ def spawn_evaluate(
         out = kwargs.get("out")
         folder = Path(out) if out is not None else Path(tmp) / "out"
         kwargs = {**kwargs, "out": folder, "devices": None}
-        args = (devices, _free_port(), threads, model, data, kwargs, tmp)
+        args = (devices, _free_port(), threads, _sendable(model, Path(tmp)), data, kwargs, tmp)
         try:
             spawn(_worker, args=args, nprocs=len(devices), join=True)
         except (ProcessRaisedException, ProcessExitedException) as exc:
@@ -149,6 +153,23 @@ def spawn_evaluate(
         if out is None:
             report.files = {}
     return report
+
+
+def _sendable(model: nn.Module, tmp: Path) -> nn.Module | Path:
+    """``model``, or for a pruned (parametrized) advprune model, which PyTorch cannot pickle,
+    its checkpoint (safetensors + card: the exact tensors and masks) for the processes."""
+    from torch.nn.utils import parametrize
+
+    if not any(parametrize.is_parametrized(m) for m in model.modules()):
+        return model
+    if getattr(model, "spec", None) is None:
+        raise ConfigError(
+            "evaluate(devices=N) cannot send a parametrized module that is not an advprune "
+            "model to its processes; start them with torchrun instead"
+        )
+    from advprune.checkpoint import save_checkpoint
+
+    return save_checkpoint(tmp / "model.safetensors", model)
 
 
 def auto_batch_size(
