@@ -9,6 +9,7 @@ chooses which process runs it, and the merge orders batches by index.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ from _digits_models import digits_splits, natural_digits_model
 from advprune.errors import ConfigError
 from advprune.evaluation import evaluate
 from advprune.evaluation.shards import AUTO_BATCH_CPU, eval_devices
+from advprune.sparsity import prune_magnitude
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,11 +51,18 @@ def _same(a, b, skip=frozenset({"processes"})) -> None:
     assert _stable(a.to_dict(), skip) == _stable(b.to_dict(), skip)
 
 
+@functools.cache
+def _pruned() -> torch.nn.Module:
+    """The digits model with half its weights masked: a parametrized module, which PyTorch
+    cannot pickle (evaluate(devices=N) sends it to its processes as a checkpoint)."""
+    model = copy.deepcopy(natural_digits_model())
+    prune_magnitude(model, 0.5)
+    return model
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    return evaluate(
-        natural_digits_model(), digits_splits(), out=tmp_path_factory.mktemp("one"), **SETTINGS
-    )
+    return evaluate(_pruned(), digits_splits(), out=tmp_path_factory.mktemp("one"), **SETTINGS)
 
 
 class _ExitAfter:
@@ -70,7 +79,7 @@ class _ExitAfter:
 
 def test_two_shards_give_the_report_of_one_process(one_process, tmp_path: Path) -> None:
     assert one_process.robust_accuracy < one_process.clean_accuracy  # the attacks did work
-    report = evaluate(natural_digits_model(), digits_splits(), out=tmp_path, devices=2,
+    report = evaluate(_pruned(), digits_splits(), out=tmp_path, devices=2,
                       **SETTINGS)  # fmt: skip
     _same(report, one_process)
     assert report.settings["processes"] == 2 and one_process.settings["processes"] == 1
@@ -80,14 +89,14 @@ def test_two_shards_give_the_report_of_one_process(one_process, tmp_path: Path) 
 
 def test_a_killed_shard_resumes_only_its_unfinished_batches(one_process, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="sharded evaluation process failed"):
-        evaluate(natural_digits_model(), digits_splits(), out=tmp_path, devices=2,
+        evaluate(_pruned(), digits_splits(), out=tmp_path, devices=2,
                  after_batch=_ExitAfter("autoattack", 1), **SETTINGS)  # fmt: skip
     batches = tmp_path / "batches"
     assert (batches / "autoattack_00001.npz").exists()
     assert not (batches / "autoattack_00003.npz").exists()  # process 1 died before it
     assert not (tmp_path / "report.json").exists()
     before = {p.name: p.stat().st_mtime_ns for p in batches.glob("*.npz")}
-    report = evaluate(natural_digits_model(), digits_splits(), out=tmp_path, devices=2,
+    report = evaluate(_pruned(), digits_splits(), out=tmp_path, devices=2,
                       **SETTINGS)  # fmt: skip
     after = {p.name: p.stat().st_mtime_ns for p in batches.glob("*.npz")}
     assert {k: after[k] for k in before} == before  # finished batches were not run again
