@@ -230,8 +230,9 @@ def _markdown(args, table: str, rows: list[dict], procs: int, device) -> str:
         [
             "# AutoAttack throughput: reference pyautoattack vs advprune",
             "",
-            f"Command: `python benchmarks/eval_throughput.py --n {args.n} --batch {args.batch}`"
-            f"{' --only ' + args.only if args.only else ''}",
+            f"Command: `python benchmarks/eval_throughput.py --n {args.n} --batch {args.batch}"
+            f"{' --threads ' + str(args.threads) if args.threads else ''}"
+            f"{' --only ' + args.only if args.only else ''}`",
             "",
             f"Machine: {device.type}, {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}"
             f" ({torch.get_num_threads()} threads in runs (a) and (b); {procs} processes of "
@@ -239,7 +240,9 @@ def _markdown(args, table: str, rows: list[dict], procs: int, device) -> str:
             f"{getattr(pyautoattack, '__version__', '?')}, advprune {__version__}. The first "
             f"{args.n} test points of each model, seed {args.seed}; advprune's batch {args.batch} "
             "(the unit a process runs). Wall times include advprune's clean pass, failure-check "
-            "probe and re-checks, and for (c) starting the processes.",
+            "probe and re-checks, and for (c) starting the processes. advprune ran "
+            f"{', '.join(sorted({r['impl'] for r in rows if r['impl'] != 'reference'}))}'s "
+            "attacks unmodified (one call per attack on the points still robust).",
             "",
             table,
             "",
