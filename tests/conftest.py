@@ -15,3 +15,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own ``$ADVPRUNE_CACHE`` (tuned HO-FMN configurations, zoo files):
+    no test reads what another (or the user's home) stored."""
+    monkeypatch.setenv("ADVPRUNE_CACHE", str(tmp_path_factory.mktemp("cache")))

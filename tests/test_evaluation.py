@@ -161,6 +161,7 @@ def _run(model, splits, out, after_batch=None):
     return evaluate(
         model, splits, eps="1/8", attacks="apgd-ce,hofmn,pgd", batch_size=32,
         **{**FAST, "n": 96, "fmn_steps": 20}, out=out, after_batch=after_batch,
+        hofmn_cache=False,  # the tuning itself is killed and resumed here (no cached result)
     )  # fmt: skip
 
 

@@ -182,6 +182,8 @@ def _option(text: str) -> tuple[str, Any]:
 
 _EVAL_ONLY = (
     "checkpoint_path",
+    "auto_batch",
+    "hofmn_cache",
     "attacks",
     "attack_options",
     "aa_version",
@@ -223,6 +225,21 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
         "--hofmn-tune-batch", dest="hofmn_tune_batch", type=int, help="trial batch size (64)"
     )
     g.add_argument("--check-n", dest="check_n", type=int, help="points of the PGD probe (256)")
+    g.add_argument(
+        "--auto-batch",
+        dest="auto_batch",
+        action="store_true",
+        default=None,
+        help="attack batch: the largest that fits on the GPU (128 on a CPU), recorded in the "
+        "report and kept when the run resumes (instead of --batch-size)",
+    )
+    g.add_argument(
+        "--hofmn-cache",
+        dest="hofmn_cache",
+        metavar="DIR|off",
+        help="tuned HO-FMN configurations by model (default $ADVPRUNE_CACHE/hofmn, else "
+        "~/.cache/advprune/hofmn): a later run on the same model reuses its tuning",
+    )
     g.add_argument(
         "--eps-grid",
         dest="eps_grid",
@@ -451,6 +468,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     attacks = parse_attacks(attacks_text or ",".join(DEFAULT_ATTACKS)) if run_attacks else []
     certifiers = _certifiers(certify, cert_opts) if certify is not None else None
     options = {k: v for k, v in extra.items() if v is not None}
+    if options.pop("auto_batch", False):
+        if "batch_size" in cfg.model_fields_set:
+            raise AdvpruneError("give --batch-size or --auto-batch, not both")
+        options["batch_size"] = "auto"
+    if str(options.get("hofmn_cache", "")).lower() in ("off", "none", "false", "no"):
+        options["hofmn_cache"] = False
     if options.get("attack_options"):  # [("pgd.steps", 50), ...] -> {"pgd": {"steps": 50}}
         by_attack: dict[str, dict[str, Any]] = {}
         for key, value in options["attack_options"]:
@@ -478,27 +501,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
         opts = _certify_settings(cfg, card, certifiers)
         check_certifiers(model, shape, opts["methods"], eps=opts["eps"], norm=opts["norm"],
                          sigma=opts["sigma"])  # fmt: skip
-    if not run_attacks:
-        return _certify_only(args, cfg, data, model, card, model_info, certifiers, out)
-    report = evaluate(
-        model,
-        data.splits,
-        eps=cfg.eps_text(),
-        norm=cfg.norm,
-        attacks=attacks,
-        n=cfg.n,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        pgd_steps=cfg.eval_steps,
-        out=out,
-        device=wf.resolve_device(cfg.device),
-        progress=cfg.progress,
-        model_info=model_info,
-        **options,
-    )
-    if certifiers is not None:
-        _add_certified(report, cfg, data, model, card, certifiers, out)
-    return _show_report(args, report, out, "per_sample.npz and the security curve")
+    # under torchrun the attacks' batches are sharded over the processes; rank 0 gathers
+    # them, writes the report and prints it (certifiers run on rank 0)
+    with _processes(cfg) as dist:
+        if not run_attacks:
+            if not dist.is_main:
+                return 0
+            return _certify_only(args, cfg, data, model, card, model_info, certifiers, out)
+        options.setdefault("batch_size", cfg.batch_size)
+        report = evaluate(
+            model,
+            data.splits,
+            eps=cfg.eps_text(),
+            norm=cfg.norm,
+            attacks=attacks,
+            n=cfg.n,
+            seed=cfg.seed,
+            pgd_steps=cfg.eval_steps,
+            out=out,
+            device=wf.resolve_device(cfg.device),
+            progress=cfg.progress,
+            model_info=model_info,
+            **options,
+        )
+        if not dist.is_main:
+            return 0
+        if certifiers is not None:
+            _add_certified(report, cfg, data, model, card, certifiers, out)
+        return _show_report(args, report, out, "per_sample.npz and the security curve")
 
 
 def _show_report(args: argparse.Namespace, report: Any, out: str | None, files: str) -> int:

@@ -102,6 +102,14 @@ class DistContext:
         torch.distributed.broadcast_object_list(box, src=src, device=self._object_device())
         return box[0]
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every process's picklable ``obj``, in rank order (``[obj]`` in a single process)."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     @torch.no_grad()
     def broadcast_module(self, module: nn.Module, src: int = 0, *, parameters: bool = True) -> None:
         """Copy the buffers (e.g. BatchNorm statistics) and, with ``parameters``, the

@@ -410,37 +410,50 @@ class _HOFMNAttack(_MinNorm):
     TUNED_FILE = "hofmn_config.json"
 
     def prepare(self, model: nn.Module, context: Mapping[str, Any]) -> None:
-        from advprune.evaluation.hofmn import SEARCH_SPACE, tune_fmn
+        """Tune FMN (or reuse the configuration tuned for this model, see
+        :func:`~advprune.evaluation.hofmn.cached_tuning`): on rank 0 only in a sharded
+        evaluation, its result sent to every process."""
+        from advprune.distributed import SINGLE
+        from advprune.evaluation.hofmn import SEARCH_SPACE, cached_tuning, fmn_config_from_params
         from advprune.io import write_json_atomic
 
         o, out = self.options, context.get("out")
+        dist = context.get("dist") or SINGLE
         after_batch = context.get("after_batch")
         if context.get("tune") is None:
             raise ConfigError(
                 "HO-FMN needs a tuning split apart from the evaluation points: pass a "
                 "DataSplits or dataset name as data, or tune_data="
             )
-        result = tune_fmn(
-            model, context["tune"], norm=self.norm, trials=o.trials, steps=o.tune_steps,
-            batch_size=o.tune_batch, seed=context["settings"]["seed"],
-            study_path=out / self.STUDY_FILE if out is not None else None,
-            progress=context.get("progress", False), device=context.get("device"),
-            on_trial=(lambda k: after_batch("hofmn-tuning", k)) if after_batch else None,
-        )  # fmt: skip
-        self.attack = FMN.from_config(result.config(norm=self.norm, steps=o.steps))
-        self.tuning_seconds = result.seconds
+        tuned = None
+        if dist.is_main:
+            tuned = cached_tuning(
+                model, context["tune"], norm=self.norm, trials=o.trials, steps=o.tune_steps,
+                batch_size=o.tune_batch, seed=context["settings"]["seed"],
+                study_path=out / self.STUDY_FILE if out is not None else None,
+                progress=context.get("progress", False), device=context.get("device"),
+                on_trial=(lambda k: after_batch("hofmn-tuning", k)) if after_batch else None,
+                cache=context.get("cache"), model_sha256=context.get("model_sha256"),
+            )  # fmt: skip
+        tuned = dist.broadcast_object(tuned)
+        self.attack = FMN.from_config(
+            fmn_config_from_params(tuned["best_params"], norm=self.norm, steps=o.steps)
+        )
+        self.tuning_seconds = 0.0 if tuned["reused"] else float(tuned["seconds"])
+        self.reused = bool(tuned["reused"])
         self.tuning = {
             "trials": o.trials,
             "steps": o.tune_steps,
             "batch_size": o.tune_batch,
             "objective": "median distance over the batch's correct points, failures +inf",
-            "best_trial": result.best_trial,
-            "best_value": result.best_value,
+            "best_trial": tuned["best_trial"],
+            "best_value": tuned["best_value"],
             "search_space": SEARCH_SPACE,
         }
-        if out is not None:
+        if out is not None and dist.is_main:
             write_json_atomic(out / self.TUNED_FILE, self.config())
 
     def entry_details(self, arrays, correct, per_sample, details) -> list[Flag]:
         details["tuning_seconds"] = self.tuning_seconds
+        details["tuning_reused"] = getattr(self, "reused", False)
         return super().entry_details(arrays, correct, per_sample, details)

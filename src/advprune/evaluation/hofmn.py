@@ -34,7 +34,14 @@ from advprune.io import check_same_settings, write_json_atomic
 from advprune.progress import ProgressSetting
 from advprune.progress import progress as progress_of
 
-__all__ = ["SEARCH_SPACE", "TuningResult", "fmn_config_from_params", "suggest_params", "tune_fmn"]
+__all__ = [
+    "SEARCH_SPACE",
+    "TuningResult",
+    "cached_tuning",
+    "fmn_config_from_params",
+    "suggest_params",
+    "tune_fmn",
+]
 
 STUDY_FORMAT = "advprune-hofmn-study"
 
@@ -233,3 +240,77 @@ def _study_json(settings: dict[str, Any], trials: list[dict[str, Any]]) -> dict[
     from advprune.io import jsonable as _jsonable
 
     return _jsonable({"format": STUDY_FORMAT, "settings": settings, "trials": trials})
+
+
+CACHE_FORMAT = "advprune-hofmn-tuned"
+
+
+def _tune_sha256(tune_data: Any) -> str:
+    """sha256 of every tuning sample (inputs and labels)."""
+    import hashlib
+
+    n = len(tune_data[0]) if isinstance(tune_data, (tuple, list)) else len(tune_data)
+    digest = hashlib.sha256()
+    for lo in range(0, n, 1024):
+        x, y = _take(tune_data, np.arange(lo, min(lo + 1024, n)))
+        for t in (x.detach().float().cpu().contiguous(), torch.as_tensor(y).long().cpu()):
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cached_tuning(
+    model: nn.Module,
+    tune_data: Any,
+    *,
+    cache: str | Path | None,
+    model_sha256: str | None,
+    norm: str = "linf",
+    trials: int = 32,
+    steps: int = 100,
+    batch_size: int = 64,
+    seed: int = 0,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """:func:`tune_fmn`, or the configuration it tuned before for the same model.
+
+    The tuned configuration is stored in ``cache`` under a key of the model's weights
+    (``model_sha256``), the tuning samples and every tuning setting, and reused by a later
+    run on the same model (tuning is deterministic given these, so reusing it changes no
+    result; ``reused`` says which happened). ``cache`` None: tune every time. Returns
+    ``best_params``, ``best_value``, ``best_trial``, ``seconds`` (of the tuning that produced
+    it) and ``reused``.
+    """
+    import hashlib
+
+    from advprune.io import read_json_record
+
+    path = None
+    if cache is not None and model_sha256:
+        n_tune = len(tune_data[0]) if isinstance(tune_data, (tuple, list)) else len(tune_data)
+        key_of = {
+            "format": CACHE_FORMAT, "model_sha256": model_sha256,
+            "tune_sha256": _tune_sha256(tune_data), "norm": norm, "trials": int(trials),
+            "steps": int(steps), "batch_size": min(int(batch_size), n_tune), "seed": int(seed),
+            "search_space": SEARCH_SPACE,
+        }  # fmt: skip
+        key = hashlib.sha256(json.dumps(key_of, sort_keys=True).encode()).hexdigest()[:32]
+        path = Path(cache) / f"{key}.json"
+        if path.exists():
+            stored = read_json_record(
+                path, what="a cached HO-FMN configuration", hint=f"delete {path} to tune again"
+            )
+            if isinstance(stored, dict) and stored.get("key") == key_of:
+                return {**stored["result"], "reused": True}
+    result = tune_fmn(
+        model, tune_data, norm=norm, trials=trials, steps=steps, batch_size=batch_size,
+        seed=seed, **kwargs,
+    )  # fmt: skip
+    out = {
+        "best_params": result.best_params,
+        "best_value": result.best_value,
+        "best_trial": result.best_trial,
+        "seconds": result.seconds,
+    }
+    if path is not None:
+        write_json_atomic(path, {"key": key_of, "result": out})
+    return {**out, "reused": False}

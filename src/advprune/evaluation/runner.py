@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from advprune._validation import check_eps, check_norm, check_unit_range
 from advprune.attacks.pgd import check_steps, model_mode_scope
+from advprune.distributed import DistContext
 from advprune.errors import ConfigError, DataError, UnknownNameError
 from advprune.evaluation.attacks import (
     ATTACKS,
@@ -46,6 +47,7 @@ from advprune.evaluation.checks import (
 )
 from advprune.evaluation.curve import default_eps_grid, plot_security_curve, security_curve
 from advprune.evaluation.report import Entry, Flag, Report
+from advprune.evaluation.shards import auto_batch_size, eval_devices, shard_of, spawn_evaluate
 from advprune.io import atomic_path, check_same_settings, read_json_record, write_json_atomic
 from advprune.progress import ProgressSetting, resolve
 from advprune.progress import progress as progress_of
@@ -203,6 +205,10 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
+def _first(item: tuple[Any, ...]) -> Any:
+    return item[0]
+
+
 # ------------------------------------------------------------------------------ the run
 
 
@@ -227,14 +233,18 @@ def _run_attack(
     out: Path | None,
     progress: ProgressSetting,
     after_batch: Callable[[str, int], None] | None,
+    dist: DistContext,
 ) -> tuple[dict[str, np.ndarray], float]:
+    """Run ``attack`` on this process's batches (all of them in one process), gather every
+    process's batches and merge them in batch order (the same arrays for any process count)."""
     n = data.x.shape[0]
-    parts: list[dict[str, np.ndarray]] = []
-    seconds = 0.0
-    starts = range(0, n, batch_size)
+    parts: list[tuple[int, dict[str, np.ndarray]]] = []
+    starts = list(range(0, n, batch_size))
+    mine = shard_of(len(starts), dist)
     devices = [device] if device.type == "cuda" else []
-    bar = progress_of(starts, desc=attack.name, unit="batch", leave=True, mode=progress)
-    for b, lo in enumerate(bar):
+    bar = progress_of(mine, desc=attack.name, unit="batch", leave=True, mode=progress)
+    for b in bar:
+        lo = starts[b]
         hi = min(lo + batch_size, n)
         path = out / "batches" / f"{attack.name}_{b:05d}.npz" if out is not None else None
         if path is not None and path.exists():
@@ -247,17 +257,21 @@ def _run_attack(
             arrays["seconds"] = np.asarray(time.perf_counter() - t0)
             if path is not None:
                 _save_npz(path, arrays)
-        seconds += float(arrays.pop("seconds"))
-        parts.append(arrays)
+        parts.append((b, arrays))
         if after_batch is not None:
             after_batch(attack.name, b)
+    everyone = sorted(
+        (part for shard in dist.all_gather_object(parts) for part in shard), key=_first
+    )
+    seconds = sum(float(arrays["seconds"]) for _, arrays in everyone)
+    batches = [{k: v for k, v in arrays.items() if k != "seconds"} for _, arrays in everyone]
     merged: dict[str, np.ndarray] = {}
-    for key in parts[0]:
-        if parts[0][key].ndim == 0 or key == "warnings":
-            values = sorted({str(v) for p in parts for v in np.atleast_1d(p[key])})
+    for key in batches[0]:
+        if batches[0][key].ndim == 0 or key == "warnings":
+            values = sorted({str(v) for p in batches for v in np.atleast_1d(p[key])})
             merged[key] = np.asarray(values, dtype=str)
         else:
-            merged[key] = np.concatenate([p[key] for p in parts])
+            merged[key] = np.concatenate([p[key] for p in batches])
     return merged, seconds
 
 
@@ -269,7 +283,7 @@ def evaluate(
     norm: str = "linf",
     attacks: str | Sequence[str] = DEFAULT_ATTACKS,
     n: int | None = None,
-    batch_size: int = 128,
+    batch_size: int | str = 128,
     seed: int = 0,
     aa_version: str = "standard",
     pgd_steps: int = 20,
@@ -288,6 +302,8 @@ def evaluate(
     model_info: dict[str, Any] | None = None,
     after_batch: Callable[[str, int], None] | None = None,
     attack_options: dict[str, dict[str, Any]] | None = None,
+    devices: int | str | Sequence[str | torch.device] | None = None,
+    hofmn_cache: str | Path | bool | None = None,
 ) -> Report:
     """Evaluate the robustness of ``model`` (any ``nn.Module`` on inputs in [0, 1]).
 
@@ -303,7 +319,12 @@ def evaluate(
             ``pgd`` (``pgd_steps`` steps), or one AutoAttack attack alone (``apgd-ce``,
             ``apgd-t``, ``fab-t``, ``square``, ``apgd-dlr``, ``fab``).
         n: evaluate the first ``n`` samples only (default: all).
-        batch_size: samples per attack batch (and per saved progress file).
+        batch_size: samples per attack batch (and per saved progress file); part of the
+            protocol: batch ``b``'s attacks are seeded from ``(seed, attack, b)`` and draw
+            their random starts for the whole batch, so another batch size gives other
+            (equally valid) random draws. ``"auto"``: the largest that fits on a GPU (128
+            times a power of two, at most 4096), 128 on a CPU; the size chosen is recorded
+            (``report.settings["batch_size"]``) and a resumed run keeps it.
         seed: seeds every attack; batch ``b`` of attack ``a`` is seeded from ``(seed, a, b)``.
         aa_version: ``"standard"``, ``"plus"`` or ``"rand"``.
         fmn_steps: FMN / tuned-FMN steps on the evaluation set (HO-FMN: 200).
@@ -323,6 +344,14 @@ def evaluate(
         after_batch: ``after_batch(attack, batch)`` after each batch is saved (for tests).
         attack_options: ``{attack: {option: value}}`` for any registered attack's typed
             options (:mod:`advprune.evaluation.attacks`), e.g. a plug-in attack's.
+        devices: shard the evaluation over processes started here: a number (GPUs where
+            CUDA is available, else CPU processes sharing the cores) or a list of devices.
+            Under ``torchrun`` the process group it started is used instead. Batch ``b`` runs
+            in process ``b % N``; the report and per-sample arrays are those of one process.
+        hofmn_cache: folder of tuned HO-FMN configurations, keyed by the model's weights
+            (sha256), the tuning data and the tuning settings, reused by later runs on the
+            same model (the tuning is deterministic, so the result is the same). ``None``:
+            ``$ADVPRUNE_CACHE/hofmn``, else ``~/.cache/advprune/hofmn``; ``False``: none.
 
     Returns:
         The :class:`Report`; ``report.samples`` holds the per-sample arrays: ``index``,
@@ -333,8 +362,15 @@ def evaluate(
         ``distance_min`` is the per-sample minimum over every attack's distance, and the
         security curve (``report.curve``) is computed from it.
     """
+    call = {k: v for k, v in locals().items() if k not in ("model", "data")}
+    dist = DistContext.from_env()
+    if devices is not None and not dist.distributed:
+        targets = eval_devices(devices)
+        if len(targets) > 1:
+            return spawn_evaluate(model, data, targets, call)
+        device = device if device is not None else targets[0]
     # ---- settings (all validated before any data is read or attack runs)
-    progress = resolve(progress)
+    progress = resolve(progress) if dist.is_main else False
     norm = check_norm(norm)
     eps_value = check_eps(eps, norm)
     if eps_value <= 0:
@@ -344,7 +380,8 @@ def evaluate(
         raise UnknownNameError("AutoAttack version", str(aa_version), AA_VERSIONS)
     if n is not None:
         n = _positive("n", n)
-    batch_size = _positive("batch_size", batch_size)
+    auto_batch = isinstance(batch_size, str) and batch_size.strip().lower() == "auto"
+    batch_size = 128 if auto_batch else _positive("batch_size", batch_size)
     for key, value in (
         ("pgd_steps", pgd_steps), ("fmn_steps", fmn_steps), ("hofmn_trials", hofmn_trials),
         ("hofmn_tune_steps", hofmn_tune_steps), ("hofmn_tune_batch", hofmn_tune_batch),
@@ -369,6 +406,8 @@ def evaluate(
 
     # ---- data
     ev = _eval_data(data, tune_data, n, batch_size)
+    if auto_batch:
+        settings["batch_size"] = batch_size = _auto_batch(model, ev, device, out_path, dist)
     if "hofmn" in names and ev.tune is None:
         raise ConfigError(
             "HO-FMN needs a tuning split apart from the evaluation points: pass a DataSplits or "
@@ -390,28 +429,32 @@ def evaluate(
 
     with model_mode_scope(model, "eval"):
         # ---- clean pass: output shape, labels, gradients, determinism (before any attack)
-        preds, grad_norms, change = [], [], 0.0
-        for lo in progress_of(range(0, total, batch_size), desc="clean", mode=progress):
-            x = ev.x[lo : lo + batch_size].to(device)
-            y = ev.y[lo : lo + batch_size].to(device)
+        clean = []
+        starts = list(range(0, total, batch_size))
+        for b in progress_of(shard_of(len(starts), dist), desc="clean", mode=progress):
+            x = ev.x[starts[b] : starts[b] + batch_size].to(device)
+            y = ev.y[starts[b] : starts[b] + batch_size].to(device)
             bc = forward_checks(model, x, y, ev.num_classes)
-            preds.append(_np(bc.logits.argmax(1)))
-            grad_norms.append(_np(bc.grad_norm))
-            change = max(change, bc.output_change)
-        clean_pred = np.concatenate(preds)
+            clean.append((b, _np(bc.logits.argmax(1)), _np(bc.grad_norm), bc.output_change))
+        clean = sorted((c for shard in dist.all_gather_object(clean) for c in shard), key=_first)
+        clean_pred = np.concatenate([c[1] for c in clean])
+        grad_norms = [c[2] for c in clean]
+        change = max(c[3] for c in clean)
         labels = _np(ev.y)
         correct = clean_pred == labels
 
-        if out_path is not None:
+        if out_path is not None and dist.is_main:
             write_json_atomic(out_path / RUN_FILE, record)
+        dist.barrier()  # no batch file is written before the settings record
 
-        # ---- failure-check probe (seeded; deterministic: PGD from x)
-        k = min(check_n, total)
-        probe = run_probe(
-            model, ev.x[:k].to(device), ev.y[:k].to(device), eps=eps_value, norm=norm,
-            steps=probe_steps,
-        )  # fmt: skip
-        flags = model_flags(np.concatenate(grad_norms), change) + probe_flags(probe)
+        # ---- failure-check probe (seeded; deterministic: PGD from x), on rank 0
+        probe = None
+        if dist.is_main:
+            k = min(check_n, total)
+            probe = run_probe(
+                model, ev.x[:k].to(device), ev.y[:k].to(device), eps=eps_value, norm=norm,
+                steps=probe_steps,
+            )  # fmt: skip
 
         # ---- attacks
         samples: dict[str, np.ndarray] = {
@@ -424,10 +467,13 @@ def evaluate(
         for name in names:
             entry, arrays = _run_named(
                 name, model, ev, settings, device=device, out=out_path, progress=progress,
-                correct=correct, after_batch=after_batch,
+                correct=correct, after_batch=after_batch, dist=dist,
+                cache=_cache_folder(hofmn_cache), model_sha256=record["model_sha256"],
             )  # fmt: skip
             entries.append(entry)
             samples.update(arrays)
+        probe = dist.broadcast_object(probe)
+        flags = model_flags(np.concatenate(grad_norms), change) + probe_flags(probe)
 
     # ---- aggregate
     broken = np.zeros(total, dtype=bool)
@@ -468,15 +514,48 @@ def evaluate(
         model=info,
         settings={
             **settings,
+            "batch_size_choice": "auto" if auto_batch else "given",
+            "processes": dist.world_size,
             "probe": {"eps": probe.eps, "robust_accuracy": probe.robust_accuracy},
         },
         versions=_versions(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         samples=samples,
     )
-    if out_path is not None:
+    if out_path is not None and dist.is_main:
         _write_outputs(report, out_path, names)
     return report
+
+
+def _auto_batch(
+    model: nn.Module, ev: _EvalData, device: torch.device, out: Path | None, dist: DistContext
+) -> int:
+    """``batch_size="auto"``: the size a run in ``out`` already recorded (a resumed run keeps
+    its batches and seeds), else :func:`auto_batch_size` on rank 0, the same in every process."""
+    if out is not None and (out / RUN_FILE).exists():
+        before = read_json_record(out / RUN_FILE, what="evaluation settings",
+                                  hint="pass a new --out folder")  # fmt: skip
+        recorded = before.get("settings") if isinstance(before, dict) else None
+        size = recorded.get("batch_size") if isinstance(recorded, dict) else None
+        if isinstance(size, int) and size > 0:
+            return size
+    size = None
+    if dist.is_main:
+        with model_mode_scope(model, "eval"):
+            size = auto_batch_size(model, ev.x[0], device)
+    return int(dist.broadcast_object(size))
+
+
+def _cache_folder(setting: str | Path | bool | None) -> Path | None:
+    """The HO-FMN cache folder of ``hofmn_cache`` (see :func:`evaluate`)."""
+    import os
+
+    if setting is False:
+        return None
+    if setting is None or setting is True:
+        root = os.environ.get("ADVPRUNE_CACHE")
+        return Path(root) / "hofmn" if root else Path.home() / ".cache" / "advprune" / "hofmn"
+    return Path(setting)
 
 
 def _eps_grid(
@@ -504,6 +583,9 @@ def _run_named(
     progress: ProgressSetting,
     correct: np.ndarray,
     after_batch: Callable[[str, int], None] | None,
+    dist: DistContext,
+    cache: Path | None,
+    model_sha256: str,
 ) -> tuple[Entry, dict[str, np.ndarray]]:
     """Run attack ``name`` over the evaluation set; its entry and per-sample arrays."""
     eps, norm = settings["eps_value"], settings["norm"]
@@ -514,11 +596,12 @@ def _run_named(
     attack.prepare(
         model,
         {"settings": settings, "tune": ev.tune, "out": out, "progress": progress,
-         "device": device, "after_batch": after_batch},
+         "device": device, "after_batch": after_batch, "dist": dist, "cache": cache,
+         "model_sha256": model_sha256},
     )  # fmt: skip
     arrays, seconds = _run_attack(
         attack, model, ev, batch_size=settings["batch_size"], seed=settings["seed"],
-        device=device, out=out, progress=progress, after_batch=after_batch,
+        device=device, out=out, progress=progress, after_batch=after_batch, dist=dist,
     )  # fmt: skip
     success = arrays["success"] & correct
     distance = np.where(correct, arrays["distance"], 0.0)
@@ -584,7 +667,9 @@ def _write_outputs(report: Report, out: Path, names: Sequence[str]) -> None:
     _save_npz(out / SAMPLES_FILE, report.samples)
     report.files = {"per_sample": SAMPLES_FILE}
     if "hofmn" in names:
-        report.files.update(hofmn_study=STUDY_FILE, hofmn_config=TUNED_FILE)
+        report.files.update(hofmn_config=TUNED_FILE)
+        if (out / STUDY_FILE).exists():  # not when the tuned configuration came from the cache
+            report.files.update(hofmn_study=STUDY_FILE)
     if report.curve is not None:
         plot_security_curve(
             [report],
