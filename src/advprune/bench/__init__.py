@@ -32,7 +32,7 @@ _EXPORTS = {
     "load_model": "zoo",
     "import_checkpoint": "importers",
     "benchmark": "contribute",
-    "run_grid": "grid",
+    "run_grid": "executors",
 }
 __all__ = sorted(_EXPORTS)
 

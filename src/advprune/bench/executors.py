@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from advprune.bench.grid import Grid, Job, SlurmSpec, _locked, jobs, protocol
+from advprune.bench.grid import Grid, Job, SlurmSpec, _locked, jobs, load_grid, protocol
 from advprune.errors import ConfigError
 from advprune.progress import ProgressSetting, resolve
 
@@ -53,6 +53,7 @@ __all__ = [
     "default_workers",
     "job_command",
     "job_states",
+    "run_grid",
     "run_local",
     "submit_slurm",
 ]
@@ -667,3 +668,17 @@ def _submitted_state(
     if state == "UNKNOWN":
         return JobState(job, "submitted", f"{detail} (sacct tells no state yet)", stdout)
     return JobState(job, "failed", detail, stderr, logs)
+
+
+def run_grid(
+    path: str | Path,
+    out: str | Path,
+    store: str | Path,
+    *,
+    progress: ProgressSetting = True,
+    workers: int | None = None,
+) -> Any:
+    """Run every job of the grid file ``path`` not yet done with the local executor
+    (``workers`` processes at once) and store the results; see :func:`run_local`."""
+    grid = load_grid(path)
+    return run_local(path, grid, out, store, workers=workers or grid.workers, progress=progress)

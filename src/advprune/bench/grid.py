@@ -76,7 +76,6 @@ __all__ = [
     "jobs",
     "load_grid",
     "read_job_record",
-    "run_grid",
     "run_job",
 ]
 
@@ -585,20 +584,3 @@ def run_job(
 def _crash_point() -> str | None:
     """Test hook: ``ADVPRUNE_GRID_CRASH=after-<stage>`` raises once that stage is finished."""
     return os.environ.get("ADVPRUNE_GRID_CRASH")
-
-
-def run_grid(
-    path: str | Path,
-    out: str | Path,
-    store: str | Path,
-    *,
-    progress: ProgressSetting = True,
-    workers: int | None = None,
-) -> Any:
-    """Run every job of the grid file ``path`` not yet done with the local executor
-    (``workers`` processes at once) and store the results; see
-    :func:`advprune.bench.executors.run_local`."""
-    from advprune.bench.executors import run_local
-
-    grid = load_grid(path)
-    return run_local(path, grid, out, store, workers=workers or grid.workers, progress=progress)

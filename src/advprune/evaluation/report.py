@@ -20,7 +20,23 @@ from typing import Any
 import numpy as np
 
 from advprune.errors import ConfigError
-from advprune.io import from_jsonable, jsonable, write_json_atomic
+from advprune.io import atomic_path, from_jsonable, jsonable, write_json_atomic
+
+REPORT_FILE = "report.json"
+SAMPLES_FILE = "per_sample.npz"
+
+
+def save_samples(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write per-sample arrays to ``path`` (``.npz``, atomically)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def load_samples(path: Path) -> dict[str, np.ndarray]:
+    """Read per-sample arrays written by :func:`save_samples` (never unpickles)."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
 
 __all__ = ["ENTRY_KINDS", "REPORT_FORMAT", "Entry", "Flag", "Report", "load_report"]
 

@@ -46,9 +46,11 @@ from advprune.evaluation.checks import (
     run_probe,
 )
 from advprune.evaluation.curve import default_eps_grid, plot_security_curve, security_curve
-from advprune.evaluation.report import Entry, Flag, Report
+from advprune.evaluation.report import REPORT_FILE, SAMPLES_FILE, Entry, Flag, Report
+from advprune.evaluation.report import load_samples as _load_npz
+from advprune.evaluation.report import save_samples as _save_npz
 from advprune.evaluation.shards import auto_batch_size, eval_devices, shard_of, spawn_evaluate
-from advprune.io import atomic_path, check_same_settings, read_json_record, write_json_atomic
+from advprune.io import check_same_settings, read_json_record, write_json_atomic
 from advprune.progress import ProgressSetting, resolve
 from advprune.progress import progress as progress_of
 
@@ -57,8 +59,6 @@ __all__ = ["ATTACK_NAMES", "DEFAULT_ATTACKS", "evaluate", "parse_attacks"]
 ATTACK_NAMES: tuple[str, ...] = attack_names()  # the shipped ones; attack_names() is current
 
 RUN_FILE = "eval_run.json"
-REPORT_FILE = "report.json"
-SAMPLES_FILE = "per_sample.npz"
 CURVE_FILE = "security_curve"  # .png and .svg
 STUDY_FILE = _HOFMNAttack.STUDY_FILE
 TUNED_FILE = _HOFMNAttack.TUNED_FILE
@@ -189,16 +189,6 @@ def _versions() -> dict[str, str]:
         "optuna": optuna.__version__,
         "matplotlib": matplotlib.__version__,
     }
-
-
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-
-
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
 
 
 def _np(t: Tensor) -> np.ndarray:
@@ -367,7 +357,7 @@ def evaluate(
     if devices is not None and not dist.distributed:
         targets = eval_devices(devices)
         if len(targets) > 1:
-            return spawn_evaluate(model, data, targets, call)
+            return spawn_evaluate(evaluate, model, data, targets, call)
         device = device if device is not None else targets[0]
     # ---- settings (all validated before any data is read or attack runs)
     progress = resolve(progress) if dist.is_main else False

@@ -18,7 +18,7 @@ import os
 import socket
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,7 @@ def _free_port() -> int:
 
 def _worker(
     rank: int,
+    evaluate: Callable[..., Any],
     devices: list[torch.device],
     port: int,
     threads: int,
@@ -100,7 +101,6 @@ def _worker(
     errors: str,
 ) -> None:
     from advprune.distributed import init_distributed, shutdown
-    from advprune.evaluation.runner import evaluate
 
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(len(devices)),
@@ -124,15 +124,18 @@ def _worker(
 
 
 def spawn_evaluate(
-    model: nn.Module, data: Any, devices: list[torch.device], kwargs: dict[str, Any]
+    evaluate: Callable[..., Any],
+    model: nn.Module,
+    data: Any,
+    devices: list[torch.device],
+    kwargs: dict[str, Any],
 ) -> Any:
     """Run :func:`~advprune.evaluation.evaluate` in ``len(devices)`` processes (a gloo or nccl
     group of their own) and return the report rank 0 wrote (into ``kwargs["out"]``, or a
     temporary folder)."""
     from torch.multiprocessing import ProcessExitedException, ProcessRaisedException, spawn
 
-    from advprune.evaluation.report import load_report
-    from advprune.evaluation.runner import REPORT_FILE, SAMPLES_FILE, _load_npz
+    from advprune.evaluation.report import REPORT_FILE, SAMPLES_FILE, load_report, load_samples
 
     cpus = os.cpu_count() or 1
     threads = max(1, cpus // len(devices))
@@ -140,7 +143,16 @@ def spawn_evaluate(
         out = kwargs.get("out")
         folder = Path(out) if out is not None else Path(tmp) / "out"
         kwargs = {**kwargs, "out": folder, "devices": None}
-        args = (devices, _free_port(), threads, _sendable(model, Path(tmp)), data, kwargs, tmp)
+        args = (
+            evaluate,
+            devices,
+            _free_port(),
+            threads,
+            _sendable(model, Path(tmp)),
+            data,
+            kwargs,
+            tmp,
+        )
         try:
             spawn(_worker, args=args, nprocs=len(devices), join=True)
         except (ProcessRaisedException, ProcessExitedException) as exc:
@@ -149,7 +161,7 @@ def spawn_evaluate(
                 raise ConfigError(messages[0].read_text()) from None
             raise RuntimeError(f"a sharded evaluation process failed: {exc}") from None
         report = load_report(folder / REPORT_FILE)
-        report.samples = _load_npz(folder / SAMPLES_FILE)
+        report.samples = load_samples(folder / SAMPLES_FILE)
         if out is None:
             report.files = {}
     return report
