@@ -83,11 +83,12 @@ def check_compliance(model: nn.Module, key: Any, data: Any = None) -> dict[str, 
 
     A compacted model (the base architecture with thinner conv / linear / BatchNorm layers) is
     compliant when its state dict loads with strict=True into the base architecture resized to
-    its widths (:func:`advprune.sparsity.build_compacted`); ``compacted`` then gives how many
-    layers are thinner. Returns ``{"compliant", "architecture", "missing", "unexpected",
-    "mismatched", "compacted"}``.
+    its widths (:func:`advprune.sparsity.build_compacted`); ``compacted`` then names the
+    layers whose shape differs from the base's. Returns ``{"compliant", "architecture",
+    "missing", "unexpected", "mismatched", "compacted"}``.
     """
     from advprune.sparsity import build_compacted, export_dense
+    from advprune.sparsity.compaction import layer_widths
 
     plain = export_dense(copy.deepcopy(model))
     state = plain.state_dict()
@@ -95,12 +96,10 @@ def check_compliance(model: nn.Module, key: Any, data: Any = None) -> dict[str, 
     widths = _thinner_widths(plain, base)
     compacted = None
     if widths is not None:  # rebuild it the way anyone would: the base, resized
-        full = {k: tuple(v.shape) for k, v in base.state_dict().items()}
+        full = layer_widths(base)
         base = build_compacted(base, widths)
         compacted = {
-            "layers_thinner": sum(
-                1 for k, v in base.state_dict().items() if tuple(v.shape) != full.get(k)
-            ),
+            "layers_changed": sorted(n for n, w in widths.items() if w != full[n]),
             "rule": "loads with strict=True into the base architecture resized to its widths",
         }
     expected = base.state_dict()
