@@ -51,9 +51,7 @@ def _run(argv: list[str]) -> tuple[int, str, str]:
 def masked(tmp_path_factory) -> Path:
     """A digits CNN with LWM channel masks at 50 %, as `advprune prune` saves it."""
     folder = tmp_path_factory.mktemp("compact")
-    cfg = RunConfig(
-        method="lwm", structure="channels", sparsity=0.5, progress=False, device="cpu"
-    )
+    cfg = RunConfig(method="lwm", structure="channels", sparsity=0.5, progress=False, device="cpu")
     data = prepare_data(cfg, with_val=False)
     torch.manual_seed(0)
     prune_stage(cfg, data, create("digits_cnn", width=16), out=folder / "masked")
@@ -144,9 +142,10 @@ def test_nothing_to_compact_is_one_line(masked: Path, compacted: Path, tmp_path:
                        (compacted, "already compacted")]:  # fmt: skip
         code, out, err = _run(["compact", str(path), "--out", str(tmp_path / "c")])
         assert code == 2 and out == "" and err.count("\n") == 1 and what in err
-    assert "use `advprune export --compressed`" in _run(
-        ["compact", str(unstructured), "--out", str(tmp_path / "c")]
-    )[2]
+    assert (
+        "use `advprune export --compressed`"
+        in _run(["compact", str(unstructured), "--out", str(tmp_path / "c")])[2]
+    )
     code, _, err = _run(["compact", str(masked), "--out", str(masked.parent)])
     assert code == 2 and "holds the input checkpoint" in err
     assert not (tmp_path / "c").exists()
