@@ -51,6 +51,11 @@ FILE_SPARSITIES = (0.9, 0.95, 0.99)
 INPUT = (3, 32, 32)
 
 
+def _load() -> float:
+    """The 1-minute load average (nan where the system has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -299,13 +304,14 @@ def main() -> None:
     log: list[str] = []
     breakdowns: list[str] = []
     targets: list[str] = []
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = _load()
     started = time.perf_counter()
     channels = channel_rows(args, log, breakdowns, targets)
     files = file_rows(log)
     semi = semi_structured_lines(args)
     print("\n".join(semi))
     wall = time.perf_counter() - started
+    load_end = _load()
     command = " ".join([".venv/bin/python", *sys.argv])
     doc = [
         "# Compression benchmark: compacted channel pruning, compressed checkpoints, 2:4",
@@ -319,7 +325,8 @@ def main() -> None:
         f"Machine: {os.cpu_count()} CPUs ({_cpu_model()}), torch {torch.__version__}, "
         f"{threads} CPU thread(s), mkldnn "
         f"{'on' if torch.backends.mkldnn.is_available() else 'off'}; load average "
-        f"{load:.1f} when the run started (the machine is shared); wall time "
+        f"{load:.1f} when the run started and {load_end:.1f} when it ended (1-minute figures; "
+        "the machine is shared, and a load above the CPU count inflates every time); wall time "
         f"{wall / 60:.1f} min. Models: {'; '.join(log)}.",
         "",
         "## 1. Channel pruning, compacted, CPU (inputs 3x32x32)",
