@@ -118,6 +118,21 @@ def _check_loaded(mask: torch.Tensor, n: int, m: int, prefix: str) -> None:
         )
 
 
+def _check_layer(
+    weight_shape: torch.Size | tuple[int, ...], granularity: str, n: int, m: int
+) -> tuple[int, int]:
+    """``(n, m)`` once checked against a layer: weight-shaped masks, inputs a multiple of m."""
+    n, m = check_nm(n, m)
+    if granularity != "unstructured":
+        raise ConfigError(f"an N:M mask is weight-shaped (unstructured), not {granularity}")
+    if not nm_compatible(tuple(weight_shape), m):
+        raise ConfigError(
+            f"{n}:{m} sparsity needs a weight whose input dimension is a multiple of {m}; "
+            f"got shape {tuple(weight_shape)}"
+        )
+    return n, m
+
+
 @register_mask_kind
 class NMMask(FixedMask):
     """A fixed N:M mask (kind ``nm``): a weight-shaped 0/1 buffer keeping exactly ``n`` of
@@ -134,14 +149,7 @@ class NMMask(FixedMask):
         n: int = 2,
         m: int = 4,
     ) -> None:
-        self.n, self.m = check_nm(n, m)
-        if granularity != "unstructured":
-            raise ConfigError(f"an N:M mask is weight-shaped (unstructured), not {granularity}")
-        if not nm_compatible(tuple(weight_shape), m):
-            raise ConfigError(
-                f"{n}:{m} sparsity needs a weight whose input dimension is a multiple of {m}; "
-                f"got shape {tuple(weight_shape)}"
-            )
+        self.n, self.m = _check_layer(weight_shape, granularity, n, m)
         if mask is None:
             mask = nm_mask(torch.ones(weight_shape), n, m)
         super().__init__(weight_shape, granularity, mask)
@@ -178,14 +186,7 @@ class NMScoreMask(ScoreMask):
         n: int = 2,
         m: int = 4,
     ) -> None:
-        self.n, self.m = check_nm(n, m)
-        if granularity != "unstructured":
-            raise ConfigError(f"an N:M mask is weight-shaped (unstructured), not {granularity}")
-        if not nm_compatible(tuple(weight_shape), m):
-            raise ConfigError(
-                f"{n}:{m} sparsity needs a weight whose input dimension is a multiple of {m}; "
-                f"got shape {tuple(weight_shape)}"
-            )
+        self.n, self.m = _check_layer(weight_shape, granularity, n, m)
         super().__init__(weight_shape, granularity, n / m, scores, weight_shaped=True)
 
     def compact_mask(self) -> torch.Tensor:
