@@ -43,6 +43,7 @@ from advprune.sparsity import (
     measure_latency,
     nm_mask,
     save_compressed,
+    semi_structured_support,
     sparse_state_dict,
 )
 
@@ -238,14 +239,12 @@ def file_rows(log: list[str]) -> list[list[str]]:
 
 
 def semi_structured_lines(args: argparse.Namespace) -> list[str]:
-    if not torch.cuda.is_available():
-        return ["2:4 semi-structured: skipped, no CUDA GPU on this machine "
-                "(torch.cuda.is_available() is False); left open."]  # fmt: skip
-    major, minor = torch.cuda.get_device_capability()
-    name = torch.cuda.get_device_name()
-    if major < 8:
-        return [f"2:4 semi-structured: skipped, {name} (sm_{major}{minor}) predates Ampere."]
+    why = semi_structured_support()
+    if why is not None:
+        return [f"2:4 semi-structured: skipped, {why}; left open."]
     from torch.sparse import to_sparse_semi_structured
+
+    name = torch.cuda.get_device_name()
 
     lines = [
         f"2:4 semi-structured linear layers on {name}, fp16, "
@@ -260,14 +259,18 @@ def semi_structured_lines(args: argparse.Namespace) -> list[str]:
             with torch.no_grad():
                 dense.weight.mul_(nm_mask(dense.weight.abs(), 2, 4))
             sparse = nn.Linear(in_f, out_f, bias=False).half().cuda().eval()
-            sparse.weight = nn.Parameter(to_sparse_semi_structured(dense.weight.detach()))
-            lat = measure_latency(
-                {"dense": dense, "2:4": sparse},
+            sparse.weight = nn.Parameter(
+                to_sparse_semi_structured(dense.weight.detach()), requires_grad=False
+            )
+            lat = measure_latency(  # fp16 inputs; the modules timed where they are (move=False:
+                {"dense": dense, "2:4": sparse},  # .to() would try to swap the sparse weight)
                 (in_f,),
                 batch,
                 device="cuda",
                 warmup=args.warmup,
                 repeats=args.repeats * 3,
+                dtype=torch.float16,
+                move=False,
             )
             d, s = lat["dense"].median_ms, lat["2:4"].median_ms
             lines.append(f"| {out_f} x {in_f} | {batch} | {d:.3f} | {s:.3f} | {d / s:.2f}x |")
