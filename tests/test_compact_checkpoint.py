@@ -223,6 +223,10 @@ def test_benchmark_compliance_of_a_compacted_model(compacted: Path, tmp_path: Pa
     wider.features[0] = torch.nn.Conv2d(1, 40, 3, padding=1)
     bad = check_compliance(wider, parse_key(KEY))
     assert not bad["compliant"] and bad["compacted"] is None and bad["mismatched"]
+    # under an unstructured key the same thinner model is not a compacted one: refused
+    us = check_compliance(thin, parse_key(KEY.replace("_S_", "_US_")))
+    assert not us["compliant"] and us["compacted"] is None and "features.3.weight" in (
+        us["mismatched"])  # fmt: skip
     code, _, err = _run(["benchmark", str(compacted), "--key", KEY, "--attacks", "pgd", "--n",
                          "32", "--out", str(tmp_path / "b"), "--progress", "off"])  # fmt: skip
     assert code == 0, err

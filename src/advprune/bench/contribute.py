@@ -3,10 +3,10 @@
 1. the model key is validated and its method looked up in the taxonomy;
 2. compliance: the model must load into the key's base architecture with ``strict=True``
    (a masked advprune model is exported first), so that anyone can rebuild it; a compacted
-   model (``advprune compact``: the base architecture with thinner layers) must load with
-   ``strict=True`` into the base architecture resized to its layers' widths
-   (:func:`advprune.sparsity.build_compacted`: same layers, same kinds, none wider than the
-   base's), which is how anyone rebuilds it from its card;
+   model under a structured (``S``) key (``advprune compact``: the base architecture with
+   thinner layers) must load with ``strict=True`` into the base architecture resized to its
+   layers' widths (:func:`advprune.sparsity.build_compacted`: same layers, same kinds, none
+   wider than the base's), which is how anyone rebuilds it from its card;
 3. normalisation is recorded (advprune models carry theirs; other models must state it);
 4. the evaluation protocol runs (:func:`advprune.evaluation.evaluate`, exact eps, AutoAttack
    and HO-FMN by default, on the whole test split unless ``n`` is given);
@@ -81,11 +81,11 @@ def check_compliance(model: nn.Module, key: Any, data: Any = None) -> dict[str, 
     """Whether ``model``'s state dict loads into the key's base architecture with strict=True
     (masks folded in first; ``data``, a DataSplits, gives the classes and channels).
 
-    A compacted model (the base architecture with thinner conv / linear / BatchNorm layers) is
-    compliant when its state dict loads with strict=True into the base architecture resized to
-    its widths (:func:`advprune.sparsity.build_compacted`); ``compacted`` then names the
-    layers whose shape differs from the base's. Returns ``{"compliant", "architecture",
-    "missing", "unexpected", "mismatched", "compacted"}``.
+    Under a structured key (``S``), a compacted model (the base architecture with thinner conv
+    / linear / BatchNorm layers) is compliant when its state dict loads with strict=True into
+    the base architecture resized to its widths (:func:`advprune.sparsity.build_compacted`);
+    ``compacted`` then names the layers whose shape differs from the base's. Returns
+    ``{"compliant", "architecture", "missing", "unexpected", "mismatched", "compacted"}``.
     """
     from advprune.sparsity import build_compacted, export_dense
     from advprune.sparsity.compaction import layer_widths
@@ -93,7 +93,9 @@ def check_compliance(model: nn.Module, key: Any, data: Any = None) -> dict[str, 
     plain = export_dense(copy.deepcopy(model))
     state = plain.state_dict()
     base = _base_model(model, key, data)
-    widths = _thinner_widths(plain, base)
+    # only structured pruning (key S) removes channels: a thinner model under a US key is not
+    # a compacted one, it is another model (e.g. the architecture at another width)
+    widths = _thinner_widths(plain, base) if key.structure == "S" else None
     compacted = None
     if widths is not None:  # rebuild it the way anyone would: the base, resized
         full = layer_widths(base)
