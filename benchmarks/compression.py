@@ -43,12 +43,18 @@ from advprune.sparsity import (
     measure_latency,
     nm_mask,
     save_compressed,
+    semi_structured_support,
     sparse_state_dict,
 )
 
 SPARSITIES = (0.5, 0.75, 0.9)
 FILE_SPARSITIES = (0.9, 0.95, 0.99)
 INPUT = (3, 32, 32)
+
+
+def _load() -> float:
+    """The 1-minute load average (nan where the system has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def _resnet18_weights() -> dict[str, torch.Tensor] | None:
@@ -223,14 +229,12 @@ def file_rows(log: list[str]) -> list[list[str]]:
 
 
 def semi_structured_lines(args: argparse.Namespace) -> list[str]:
-    if not torch.cuda.is_available():
-        return ["2:4 semi-structured: skipped, no CUDA GPU on this machine "
-                "(torch.cuda.is_available() is False); left open."]  # fmt: skip
-    major, minor = torch.cuda.get_device_capability()
-    name = torch.cuda.get_device_name()
-    if major < 8:
-        return [f"2:4 semi-structured: skipped, {name} (sm_{major}{minor}) predates Ampere."]
+    why = semi_structured_support()
+    if why is not None:
+        return [f"2:4 semi-structured: skipped, {why}; left open."]
     from torch.sparse import to_sparse_semi_structured
+
+    name = torch.cuda.get_device_name()
 
     lines = [
         f"2:4 semi-structured linear layers on {name}, fp16, "
@@ -245,14 +249,18 @@ def semi_structured_lines(args: argparse.Namespace) -> list[str]:
             with torch.no_grad():
                 dense.weight.mul_(nm_mask(dense.weight.abs(), 2, 4))
             sparse = nn.Linear(in_f, out_f, bias=False).half().cuda().eval()
-            sparse.weight = nn.Parameter(to_sparse_semi_structured(dense.weight.detach()))
-            lat = measure_latency(
-                {"dense": dense, "2:4": sparse},
+            sparse.weight = nn.Parameter(
+                to_sparse_semi_structured(dense.weight.detach()), requires_grad=False
+            )
+            lat = measure_latency(  # fp16 inputs; the modules timed where they are (move=False:
+                {"dense": dense, "2:4": sparse},  # .to() would try to swap the sparse weight)
                 (in_f,),
                 batch,
                 device="cuda",
                 warmup=args.warmup,
                 repeats=args.repeats * 3,
+                dtype=torch.float16,
+                move=False,
             )
             d, s = lat["dense"].median_ms, lat["2:4"].median_ms
             lines.append(f"| {out_f} x {in_f} | {batch} | {d:.3f} | {s:.3f} | {d / s:.2f}x |")
@@ -289,13 +297,14 @@ def main() -> None:
     log: list[str] = []
     breakdowns: list[str] = []
     targets: list[str] = []
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = _load()
     started = time.perf_counter()
     channels = channel_rows(args, log, breakdowns, targets)
     files = file_rows(log)
     semi = semi_structured_lines(args)
     print("\n".join(semi))
     wall = time.perf_counter() - started
+    load_end = _load()
     command = " ".join([".venv/bin/python", *sys.argv])
     doc = [
         "# Compression benchmark: compacted channel pruning, compressed checkpoints, 2:4",
@@ -309,7 +318,8 @@ def main() -> None:
         f"Machine: {os.cpu_count()} CPUs ({cpu_model()}), torch {torch.__version__}, "
         f"{threads} CPU thread(s), mkldnn "
         f"{'on' if torch.backends.mkldnn.is_available() else 'off'}; load average "
-        f"{load:.1f} when the run started (the machine is shared); wall time "
+        f"{load:.1f} when the run started and {load_end:.1f} when it ended (1-minute figures; "
+        "the machine is shared, and a load above the CPU count inflates every time); wall time "
         f"{wall / 60:.1f} min. Models: {'; '.join(log)}.",
         "",
         "## 1. Channel pruning, compacted, CPU (inputs 3x32x32)",

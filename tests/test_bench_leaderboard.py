@@ -405,3 +405,44 @@ def test_page_in_headless_chromium(real_store, tmp_path):
     with Image.open(shot) as image:
         assert image.size[0] >= 1600 and image.size[1] >= 900
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50  # not blank
+
+
+def _profiled(clean: float, robust: float, params: float, speedup: float | None) -> Report:
+    r = report(clean, robust)
+    latency = [] if speedup is None else [
+        {"device": "cpu", "batch_size": 1, "speedup": 1.1},
+        {"device": "cpu", "batch_size": 256, "speedup": speedup},
+    ]  # fmt: skip
+    r.model = {"profile": {"params_fraction": params, "macs_fraction": params / 2,
+                           "latency": latency, "timed": "compacted"}}  # fmt: skip
+    return r
+
+
+def test_cost_columns_in_markdown_and_headless_chromium(tmp_path):
+    """Profiled models (`eval --profile`) show parameters, MACs kept and the measured speed-up
+    beside their robustness; the page sorts that column as numbers."""
+    s = ResultsStore(tmp_path / "results.sqlite")
+    s.add_report(_profiled(0.9, 0.5, 0.25, 3.5), f"{HYDRA}_DCNN_DIGITS_S_75")
+    s.add_report(_profiled(0.9, 0.6, 0.5, 12.0), f"{LWM}_DCNN_DIGITS_S_50")
+    s.add_report(_profiled(0.9, 0.4, 0.1, None), f"{HARP}_DCNN_DIGITS_S_90")
+    s.add_report(report(0.9, 0.3), f"{LWM}_DCNN_DIGITS_S_90")  # not profiled
+    text = markdown(collect(s, reference=False))
+    cost = text.split("What the pruning bought")[1].split("\n\n")[1].splitlines()
+    assert cost[2].startswith(f"| `{LWM}_DCNN_DIGITS_S_50` | 60.00 | 50.00 | 25.00 | 12.00x "
+                              "(cpu, batch 256)")  # fmt: skip
+    assert len(cost) == 5 and cost[4].endswith("| - | compacted |")  # HARP: no latency
+    page_path = leaderboard(s.path, tmp_path / "board")["html"]
+    with _sync_playwright() as p:
+        browser = _launch(p)
+        page = browser.new_page(viewport={"width": 1600, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(page_path.as_uri())
+        table = "table.board[data-source=measured]"
+        heads = page.eval_on_selector_all(f"{table} th", "hs => hs.map(h => h.dataset.col)")
+        assert heads[-4:] == ["params_kept", "macs_kept", "speedup", "key"]
+        page.click(f"{table} th[data-col=speedup]")  # descending, numbers ("12" above "3.5")
+        assert _column(page, table, "speedup") == ["12.00×", "3.50×", "-", "-"]
+        assert _column(page, table, "params_kept")[:2] == ["50.00", "25.00"]
+        browser.close()
+    assert errors == []

@@ -86,11 +86,11 @@ def test_advprune_methods_declare_their_entry():
         assert cls.taxonomy.classification() == data, name
         assert (entry.source == "APB") == (name in ("hydra", "harp")), name
         # what advprune implements is separate: HYDRA also prunes filters, HARP prunes locally
-        granularity = {"unstructured": "US", "filters": "S", "channels": "S"}
+        granularity = {"unstructured": "US", "filters": "S", "channels": "S", "nm": "US"}
         implemented = {granularity[s] for s in cls.structures}
         if entry.source == "advprune":
             assert implemented == set(entry.structures), name
-    assert method_class("hydra").structures == ("unstructured", "filters", "channels")
+    assert method_class("hydra").structures == ("unstructured", "filters", "channels", "nm")
     assert method_class("hydra").taxonomy.structures == ("US",)
     assert method_class("harp").taxonomy.scopes == ("G",)
     config = json.loads(json.dumps(method_class("lwm")(0.5).config()))

@@ -281,7 +281,7 @@ def test_methods_lists_lwm_with_taxonomy():
         "structures=S,US",
         "scopes=L,G",
         "criterion=LWM",
-        "| implements structures=unstructured,filters,channels scopes=local,global",
+        "| implements structures=unstructured,filters,channels,nm scopes=local,global",
         "stages=pretrain->prune->finetune",
     ):
         assert part in line
@@ -336,7 +336,8 @@ def test_prune_unknown_method_and_structure(ckpts, tmp_path):
     fails(
         [*base, "--method", "lwn"], "unknown method 'lwn'", "valid methods:", " lwm,", out_dir=out
     )
-    fails([*base, "--structure", "rows"], "unstructured, filters, channels", out_dir=out)
+    valid = "valid structures: N:M (e.g. 2:4), channels, filters, nm, unstructured"
+    fails([*base, "--structure", "rows"], "unknown structure 'rows'", valid, out_dir=out)
     fails([*base, "--scope", "world"], "local, global", out_dir=out)
 
 

@@ -25,8 +25,10 @@ from advprune.models import ModelSpec, create
 from advprune.pipeline import prepare_data, prune_stage
 from advprune.sparsity import layer_densities, sparsity_report
 
-CASES = [
-    (name, structure) for name in list_methods() for structure in method_class(name).structures
+CASES = [  # structure "nm" as its usual text form, 2:4
+    (name, "2:4" if structure == "nm" else structure)
+    for name in list_methods()
+    for structure in method_class(name).structures
 ]
 
 

@@ -24,7 +24,7 @@ def test_registry_and_taxonomy() -> None:
     t = cls.taxonomy
     assert (t.ap_key, t.pipeline, t.schedule, t.criterion) == (
         "LWM_Han2015Learning", "after", ("1S",), "LWM")  # fmt: skip
-    assert set(cls.structures) == {"unstructured", "filters", "channels"}
+    assert set(cls.structures) == {"unstructured", "filters", "channels", "nm"}
     assert cls.stages == ("pretrain", "prune", "finetune")
     assert "prune" not in cls.trains  # LWM's prune stage does not train
     with pytest.raises(UnknownNameError, match=r"valid methods: .*lwm"):

@@ -105,7 +105,7 @@ def _dataset(data: DataLike) -> dict[str, str]:
 def prune(
     model: nn.Module,
     method: str = "lwm",
-    sparsity: float | str = 0.9,
+    sparsity: float | str | None = None,
     structure: str = "unstructured",
     objective: str | Objective = "pgd",
     data: DataLike = "digits",
@@ -123,6 +123,8 @@ def prune(
     :func:`finetune`, or save it with :func:`advprune.checkpoint.save_checkpoint`. The stage's
     card (method, options, per-layer targets) is ``returned.advprune_card``.
 
+    ``sparsity`` is the removed fraction (default: the settings', 0.9; a structure that
+    fixes it, such as ``structure="2:4"``, sets it to ``1 - N/M``).
     ``kwargs`` are :class:`~advprune.config.RunConfig` settings (``epochs``, ``lr``, ``eps``,
     ``batch_size``, ``allocation``, ``scope``, ``seed``, ...; they override ``config``), and
     every other keyword is an option of the method (``rounds=4``, ``freeze_bn=True``).

@@ -2,8 +2,10 @@
 
 Commands: ``train`` (dense, adversarial or natural), ``prune`` (apply a method to a
 checkpoint), ``finetune`` (train a pruned checkpoint), ``eval`` (AutoAttack, HO-FMN, PGD),
-``info`` (checkpoint card and measured sparsity), ``methods``, ``export`` (dense checkpoint
-of a pruned one), ``quickstart``.
+``info`` (checkpoint card and measured sparsity), ``methods``, ``export`` (dense or compressed
+checkpoint of a pruned one), ``compact`` (physically thinner model of a filters / channels-pruned
+one), ``profile`` (parameters, MACs, file sizes and latency against the dense model),
+``quickstart``.
 
 Settings come from ``--config FILE.yaml`` and are overridden by the flags given explicitly;
 fractions such as ``--eps 8/255`` are exact. Bad input prints one ``error:`` line and exits 2.
@@ -150,7 +152,9 @@ def _add_prune(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pruning")
     g.add_argument("--method", help="pruning method (see `advprune methods`)")
     g.add_argument("--sparsity", help="removed fraction in [0, 1), e.g. 0.99")
-    g.add_argument("--structure", help="unstructured (default), filters, channels")
+    g.add_argument(
+        "--structure", help="unstructured (default), filters, channels, or N:M such as 2:4"
+    )
     g.add_argument("--scope", help="local (default) or global")
     g.add_argument("--allocation", help="layer allocation: uniform, erk, lamp, global, np")
     g.add_argument("--allocation-p", dest="allocation_p", type=float, help="p of the np rule")
@@ -308,6 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", help="the same as CHECKPOINT")
     p.add_argument("--json", dest="as_json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        default=None,
+        help="also measure what the pruning bought (`advprune profile`: parameters, MACs, file "
+        "sizes, CPU latency at batch 1 and 256 against the dense model) into the report",
+    )
     _add_eval(p)
     _add_common(p, training=False)
 
@@ -317,9 +328,53 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list pruning methods and their taxonomy entries")
 
-    p = sub.add_parser("export", help="fold a pruned checkpoint's masks into a plain dense one")
+    p = sub.add_parser(
+        "export", help="fold a pruned checkpoint's masks into a plain dense (or compressed) one"
+    )
     p.add_argument("path", help="pruned checkpoint (.safetensors or .json)")
     p.add_argument("--out", required=True, help="output folder (gets model.safetensors + .json)")
+    p.add_argument(
+        "--compressed",
+        action="store_true",
+        help="store the weights compressed: per tensor a bitmask plus the kept values, or CSR, "
+        "whichever is smallest (exact; load_checkpoint reads it)",
+    )
+
+    p = sub.add_parser(
+        "compact",
+        help="physically remove pruned filters / channels: a thinner plain model (Torch-Pruning)",
+    )
+    p.add_argument("path", help="filters / channels-pruned checkpoint")
+    p.add_argument("--out", required=True, help="output folder (gets model.safetensors + .json)")
+    p.add_argument(
+        "--round-to",
+        dest="round_to",
+        type=int,
+        help="keep a few more channels so every width is a multiple of this (faster kernels)",
+    )
+    p.add_argument("--json", dest="as_json", action="store_true", help="print the record as JSON")
+
+    p = sub.add_parser(
+        "profile",
+        help="parameters, MACs, file sizes and measured latency against the dense base model",
+    )
+    p.add_argument("path", help="checkpoint: masked, compacted, compressed or dense")
+    p.add_argument(
+        "--batch-sizes", dest="batch_sizes", default="1,256", help="timed batch sizes (1,256)"
+    )
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per batch (median; 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (3)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's, stated)")
+    p.add_argument(
+        "--device", default="auto", help="auto (CPU, plus CUDA when present), cpu or cuda"
+    )
+    p.add_argument(
+        "--channels-last", dest="channels_last", action="store_true",
+        help="time in channels-last memory format (often faster on CPU)",
+    )  # fmt: skip
+    p.add_argument("--no-latency", dest="no_latency", action="store_true", help="count only")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
+    p.add_argument("--out", help="also write the profile as JSON to this file")
 
     p = sub.add_parser("quickstart", help="the embedded digits demo (< 3 minutes on a CPU)")
     p.add_argument("--out", default="quickstart_out", help="output folder")
@@ -335,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NOT_CONFIG = {"command", "config", "as_json", "path", "stage"}
+_NOT_CONFIG = {"command", "config", "as_json", "path", "stage", "profile"}
 
 
 def _run_config(args: argparse.Namespace, base: dict[str, Any] | None = None):
@@ -419,9 +474,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if card and card.get("masks"):
             raise AdvpruneError(f"{cfg.checkpoint} is already pruned; prune its dense parent")
         out = Path(cfg.out)
-        pruned, _ = wf.run_stage("prune", cfg, data, model, out=out)
+        pruned, card = wf.run_stage("prune", cfg, data, model, out=out)
         if dist.is_main:
             print(sparsity_report(pruned, tuple(data.splits.info.input_shape)).format())
+            skipped = (card.get("sparsity") or {}).get("skipped_layers") or {}
+            for name, why in skipped.items():
+                print(f"not pruned: {name}: {why}")
             print(f"saved {out / wf.MODEL_FILE}")
     return 0
 
@@ -449,6 +507,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from advprune.bench.keys import card_key_parts
     from advprune.evaluation import DEFAULT_ATTACKS, evaluate, parse_attacks
     from advprune.sparsity import sparsity_report
+    from advprune.sparsity.profiling import sparsity_vs_base
 
     extra = {k: getattr(args, k) for k in _EVAL_ONLY}
     rest = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in _EVAL_ONLY})
@@ -485,15 +544,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = wf.prepare_data(cfg, with_val=False)
     model, card = wf.build_model(cfg, data)
     shape = tuple(data.splits.info.input_shape)
+    compacted = bool(card and card.get("compaction"))
     model_info = {
         "name": model.spec.name,
         "checkpoint": str(cfg.checkpoint),
         "checkpoint_sha256": (card.get("tensors") or {}).get("sha256") if card else None,
         "method": (card.get("method") or {}).get("name") if card else None,
-        "measured_sparsity": sparsity_report(model, shape).sparsity,
+        # a compacted model's sparsity counts its removed channels (against the dense base)
+        "measured_sparsity": sparsity_vs_base(model)
+        if compacted
+        else sparsity_report(model, shape).sparsity,
     }
+    if compacted:
+        model_info["compacted"] = True
     if card:  # what `bench add` derives the model key from
         model_info["key_parts"] = card_key_parts(card, model_info["measured_sparsity"])
+    if args.profile:  # what the pruning bought, measured before the attacks run
+        from advprune.checkpoint import profile_checkpoint
+
+        model_info["profile"] = profile_checkpoint(cfg.checkpoint, model, card).summary()
     out = cfg.out if "out" in cfg.model_fields_set else None
     if certifiers is not None:  # unsupported layers, sigma, eps: refused before any attack
         from advprune.evaluation.certifiers import check_certifiers
@@ -617,7 +686,7 @@ def _print_summary(stage: str, path: Path, m: dict[str, Any]) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from advprune.checkpoint import load_checkpoint
+    from advprune.checkpoint import load_checkpoint, tensor_path
     from advprune.sparsity import sparsity_report
 
     model, card = load_checkpoint(args.path)
@@ -639,6 +708,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"eps          {card.get('eps')} ({card.get('norm')})")
     sha = str((card.get("tensors") or {}).get("sha256") or "none")
     print(f"advprune     {card.get('advprune_version')}  sha256 {sha[:16]}")
+    encoding = (card.get("tensors") or {}).get("encoding")
+    if encoding:
+        print(f"tensors      {encoding} ({tensor_path(args.path).stat().st_size:,} bytes)")
+    compaction = card.get("compaction")
+    if isinstance(compaction, dict):
+        params = compaction.get("params") or {}
+        print(f"compacted    {params.get('compacted'):,} parameters of the dense "
+              f"{params.get('base'):,}; the layers' widths are in the card")  # fmt: skip
     print(report.format())
     return 0
 
@@ -662,15 +739,124 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from advprune.checkpoint import export_checkpoint, tensor_path
+def _output_file(args: argparse.Namespace) -> Path:
+    """``OUT/model.safetensors``, refused when it is the input checkpoint."""
+    from advprune.checkpoint import tensor_path
 
     dst = Path(args.out) / "model.safetensors"
     if dst.resolve() == tensor_path(args.path).resolve():
         raise AdvpruneError(f"--out {args.out} holds the input checkpoint; pass a new folder")
-    path = export_checkpoint(args.path, dst)
-    print(f"exported {args.path} -> {path} (plain architecture, masks folded in)")
+    return dst
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from advprune.checkpoint import export_checkpoint, load_checkpoint
+    from advprune.sparsity.profiling import state_dict_bytes
+
+    path = export_checkpoint(args.path, _output_file(args), compressed=args.compressed)
+    if not args.compressed:
+        print(f"exported {args.path} -> {path} (plain architecture, masks folded in)")
+        return 0
+    model, _ = load_checkpoint(path)  # read back: what a user will load
+    dense = state_dict_bytes(model.state_dict())
+    size = path.stat().st_size
+    print(
+        f"exported {args.path} -> {path} (compressed, masks folded in): {size:,} bytes, "
+        f"{100 * size / dense:.2f} % of the {dense:,}-byte plain file; load_checkpoint reads "
+        "it back exactly"
+    )
     return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from advprune.checkpoint import compact_checkpoint, read_card, tensor_path
+
+    if args.round_to is not None and args.round_to < 1:
+        raise AdvpruneError(f"--round-to must be >= 1, got {args.round_to}")
+    path, record = compact_checkpoint(args.path, _output_file(args), round_to=args.round_to)
+    card = read_card(path)
+    if args.as_json:
+        _print_json({"path": str(path), "compaction": card["compaction"]})
+        return 0
+    params = card["compaction"]["params"]
+    before, after = tensor_path(args.path).stat().st_size, path.stat().st_size
+    print(record.format())
+    print(
+        f"compacted {args.path} -> {path}: {params['compacted']:,} parameters "
+        f"({100 * params['compacted'] / params['base']:.2f} % of the dense {params['base']:,}), "
+        f"file {before:,} -> {after:,} bytes; every layer's width is in its card"
+    )
+    return 0
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise AdvpruneError(f"--batch-sizes needs integers >= 1 such as 1,256, got {text!r}")
+    return sizes
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from advprune.checkpoint import load_checkpoint, profile_checkpoint, write_json_atomic
+    from advprune.sparsity import nm_layers, semi_structured_support
+
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise AdvpruneError(f"--device must be auto, cpu or cuda, got {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise AdvpruneError("--device cuda requested but CUDA is not available")
+    if args.repeats < 1 or args.warmup < 0:
+        raise AdvpruneError("--repeats must be >= 1 and --warmup >= 0")
+    devices = None if args.device == "auto" else [args.device]
+    batches = () if args.no_latency else _batch_sizes(args.batch_sizes)
+    model, card = load_checkpoint(args.path)
+    prof = profile_checkpoint(
+        args.path, model, card, batch_sizes=batches, devices=devices, threads=args.threads,
+        warmup=args.warmup, repeats=args.repeats, channels_last=args.channels_last,
+    )  # fmt: skip
+    semi: dict[str, Any] | None = None
+    if nm_layers(model):  # 2:4 masks: torch's semi-structured kernels, where a GPU has them
+        why = semi_structured_support()
+        if why is not None or not batches or args.device == "cpu":
+            semi = {"skipped": why or "no latency measured on CUDA (--no-latency / --device cpu)"}
+        else:
+            from advprune.sparsity.nm import semi_structured_latency
+
+            shape = tuple(card.get("input_shape") or model.spec.input_size)
+            semi = semi_structured_latency(model, shape, batches, repeats=args.repeats)
+    data = {"checkpoint": str(args.path), "summary": prof.summary(), "profile": prof.to_dict()}
+    if semi is not None:
+        data["semi_structured"] = semi
+    if args.out:
+        write_json_atomic(args.out, data)
+    if args.as_json:
+        _print_json(data)
+        return 0
+    print(f"checkpoint {args.path} ({model.spec.name}, input {list(prof.input_size)})")
+    print(prof.format_layers())
+    print(prof.format())
+    if semi is not None:
+        print(_semi_text(semi))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _semi_text(semi: dict[str, Any]) -> str:
+    if "skipped" in semi:
+        return f"2:4 semi-structured kernels: skipped, {semi['skipped']}"
+    rows = [f"2:4 semi-structured linear layers on {semi['device']} (fp16, dense vs 2:4):"]
+    for r in semi["layers"]:
+        rows.append(
+            f"  {r['layer']} {r['out']}x{r['in']} batch {r['batch_size']}: {r['dense_ms']:.4f} / "
+            f"{r['semi_structured_ms']:.4f} ms, {r['speedup']:.2f}x"
+        )
+    rows += [f"  not converted: {name}: {why}" for name, why in semi["skipped"].items()]
+    return "\n".join(rows)
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -691,6 +877,8 @@ COMMANDS = {
     "info": cmd_info,
     "methods": cmd_methods,
     "export": cmd_export,
+    "compact": cmd_compact,
+    "profile": cmd_profile,
     "quickstart": cmd_quickstart,
 }
 

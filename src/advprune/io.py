@@ -17,7 +17,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "card_path",
     "changed_keys",
     "check_same_settings",
+    "check_tensor_file",
     "from_jsonable",
     "json_default",
     "jsonable",
@@ -208,22 +209,35 @@ def tensor_path(path: str | Path) -> Path:
 
 
 def write_tensor_files(
-    path: Path, tensors: Mapping[str, torch.Tensor], card: dict[str, Any]
+    path: Path,
+    tensors: Mapping[str, torch.Tensor],
+    card: dict[str, Any],
+    *,
+    writer: Callable[[Mapping[str, torch.Tensor], Path], Any] | None = None,
+    encoding: str | None = None,
 ) -> None:
     """Write tensors (safetensors) and their JSON card (with the tensors' sha256) atomically.
 
     Both files are complete before either is renamed, so a crash leaves at worst the old pair,
-    or a new tensor file whose hash the old card rejects, never a truncated file.
+    or a new tensor file whose hash the old card rejects, never a truncated file. ``writer``
+    (``writer(tensors, path)``) writes another encoding of the tensors instead of a plain
+    safetensors file, recorded as ``card["tensors"]["encoding"]``; the sha256 always covers
+    the bytes on disk.
     """
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     with atomic_path(path) as tmp_tensors:
-        save_file(clean, str(tmp_tensors), metadata={"format": "pt"})
+        if writer is None:
+            save_file(clean, str(tmp_tensors), metadata={"format": "pt"})
+        else:
+            writer(clean, tmp_tensors)
         card["tensors"] = {"file": path.name, "sha256": sha256_file(tmp_tensors)}
+        if encoding is not None:
+            card["tensors"]["encoding"] = encoding
         write_json_atomic(card_path(path), card)
 
 
-def read_tensor_file(path: Path, card: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The tensors of ``path``, after checking their sha256 against ``card``."""
+def check_tensor_file(path: Path, card: Mapping[str, Any]) -> None:
+    """Check that ``path`` exists and its sha256 is the one ``card`` records."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint tensor file {path} is missing")
     expected = (card.get("tensors") or {}).get("sha256")
@@ -234,6 +248,18 @@ def read_tensor_file(path: Path, card: Mapping[str, Any]) -> dict[str, torch.Ten
         raise CheckpointError(
             f"{path}: sha256 {actual[:12]}... does not match the card's "
             f"{expected[:12]}...; the file is corrupt or was replaced"
+        )
+
+
+def read_tensor_file(path: Path, card: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of ``path``, after checking their sha256 against ``card`` (a plain
+    safetensors file; another ``encoding`` is read by the layer that wrote it)."""
+    check_tensor_file(path, card)
+    encoding = (card.get("tensors") or {}).get("encoding")
+    if encoding is not None:
+        raise CheckpointError(
+            f"{path} holds {encoding} tensors, not plain safetensors; load it with "
+            "advprune.checkpoint.load_checkpoint"
         )
     try:
         return load_file(str(path))

@@ -43,7 +43,7 @@ from advprune.errors import CheckpointError, ConfigError
 from advprune.io import check_same_settings, read_json_record, write_json_atomic
 from advprune.methods import Method, create_method, method_from_config
 from advprune.models import create
-from advprune.sparsity import sparsity_report
+from advprune.sparsity import parse_structure, sparsity_report
 from advprune.training import (
     Objective,
     Regularizer,
@@ -334,12 +334,19 @@ def _run_record(
 
 
 def make_method(cfg: RunConfig) -> Method:
-    """The pruning method named by ``cfg.method`` with the config's settings and options."""
+    """The pruning method named by ``cfg.method`` with the config's settings and options.
+
+    A structure that fixes the density (``2:4``: sparsity 0.5) sets the sparsity when the
+    settings do not give one."""
     chosen = ("structure", "scope", "keep_first", "keep_last", "allocation")
     params = {} if cfg.allocation_p is None else {"p": cfg.allocation_p}
     settings = {name: getattr(cfg, name) for name in chosen}
+    sparsity = cfg.sparsity
+    fixed = parse_structure(cfg.structure).density
+    if fixed is not None and "sparsity" not in cfg.model_fields_set:
+        sparsity = 1.0 - fixed
     return create_method(
-        cfg.method, cfg.sparsity, **settings, allocation_params=params, **cfg.method_options
+        cfg.method, sparsity, **settings, allocation_params=params, **cfg.method_options
     )
 
 
@@ -372,7 +379,7 @@ def prune_stage(
     with _seeded(cfg.seed):
         pruned = method.prepare(copy.deepcopy(model))
     kinds = method.trainable("prune")
-    card = _card(cfg, data, method=method.config(), sparsity={"target": cfg.sparsity})
+    card = _card(cfg, data, method=method.config(), sparsity={"target": method.sparsity})
     train = bool(kinds) and cfg.epochs > 0
     if train and out is None:
         raise ConfigError(f"method {method.name!r} trains while pruning; pass an output folder")
@@ -402,6 +409,8 @@ def prune_stage(
         card["objective"] = objective_record
     card["stage"] = "prune"
     card["sparsity"]["target_layers"] = method.finish(pruned, targets)
+    if method.skipped_layers:  # layers the structure cannot take (N:M), and why
+        card["sparsity"]["skipped_layers"] = dict(method.skipped_layers)
     dist = DistContext.from_env()
     if out is not None and dist.is_main:
         save_checkpoint(out / MODEL_FILE, pruned, card)
@@ -436,7 +445,10 @@ def finetune_stage(
     targets = prune_card.get("sparsity") or {}
     card = {
         "method": method_cfg,
-        "sparsity": {k: targets.get(k) for k in ("target", "target_layers")},
+        "sparsity": {
+            **{k: targets.get(k) for k in ("target", "target_layers")},
+            **{k: targets[k] for k in ("skipped_layers",) if k in targets},
+        },
     }
     return train_stage(
         cfg,

@@ -2,7 +2,11 @@
 
 1. the model key is validated and its method looked up in the taxonomy;
 2. compliance: the model must load into the key's base architecture with ``strict=True``
-   (a masked advprune model is exported first), so that anyone can rebuild it;
+   (a masked advprune model is exported first), so that anyone can rebuild it; a compacted
+   model under a structured (``S``) key (``advprune compact``: the base architecture with
+   thinner layers) must load with ``strict=True`` into the base architecture resized to its
+   layers' widths (:func:`advprune.sparsity.build_compacted`: same layers, same kinds, none
+   wider than the base's), which is how anyone rebuilds it from its card;
 3. normalisation is recorded (advprune models carry theirs; other models must state it);
 4. the evaluation protocol runs (:func:`advprune.evaluation.evaluate`, exact eps, AutoAttack
    and HO-FMN by default, on the whole test split unless ``n`` is given);
@@ -58,16 +62,48 @@ def _base_model(model: nn.Module, key: Any, data: Any = None) -> nn.Module:
     return create(key.architecture, num_classes=classes, in_channels=channels)
 
 
+def _thinner_widths(plain: nn.Module, base: nn.Module) -> dict[str, dict[str, Any]] | None:
+    """The widths of ``plain``'s conv / linear / BatchNorm layers when it is ``base`` with
+    some of them thinner (a compacted model), else None."""
+    from advprune.sparsity.compaction import layer_widths
+
+    mine, theirs = layer_widths(plain), layer_widths(base)
+    if set(mine) != set(theirs):
+        return None
+    for name, w in mine.items():
+        b = theirs[name]
+        if w["type"] != b["type"] or any(w[k] > b[k] for k in ("in", "out", "features") if k in w):
+            return None
+    return mine if mine != theirs else None
+
+
 def check_compliance(model: nn.Module, key: Any, data: Any = None) -> dict[str, Any]:
     """Whether ``model``'s state dict loads into the key's base architecture with strict=True
     (masks folded in first; ``data``, a DataSplits, gives the classes and channels).
 
-    Returns ``{"compliant", "architecture", "missing", "unexpected", "mismatched"}``.
+    Under a structured key (``S``), a compacted model (the base architecture with thinner conv
+    / linear / BatchNorm layers) is compliant when its state dict loads with strict=True into
+    the base architecture resized to its widths (:func:`advprune.sparsity.build_compacted`);
+    ``compacted`` then names the layers whose shape differs from the base's. Returns
+    ``{"compliant", "architecture", "missing", "unexpected", "mismatched", "compacted"}``.
     """
-    from advprune.sparsity import export_dense
+    from advprune.sparsity import build_compacted, export_dense
+    from advprune.sparsity.compaction import layer_widths
 
-    state = export_dense(copy.deepcopy(model)).state_dict()
+    plain = export_dense(copy.deepcopy(model))
+    state = plain.state_dict()
     base = _base_model(model, key, data)
+    # only structured pruning (key S) removes channels: a thinner model under a US key is not
+    # a compacted one, it is another model (e.g. the architecture at another width)
+    widths = _thinner_widths(plain, base) if key.structure == "S" else None
+    compacted = None
+    if widths is not None:  # rebuild it the way anyone would: the base, resized
+        full = layer_widths(base)
+        base = build_compacted(base, widths)
+        compacted = {
+            "layers_changed": sorted(n for n, w in widths.items() if w != full[n]),
+            "rule": "loads with strict=True into the base architecture resized to its widths",
+        }
     expected = base.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -83,6 +119,7 @@ def check_compliance(model: nn.Module, key: Any, data: Any = None) -> dict[str, 
         "missing": missing,
         "unexpected": unexpected,
         "mismatched": mismatched,
+        "compacted": compacted,
     }
 
 

@@ -331,7 +331,7 @@ def load_grid(path: str | Path) -> Grid:
                 grid.config(**settings)
                 for structure in grid.structures:  # the method's options at every sparsity
                     for sparsity in grid.sparsities[structure]:
-                        if stage == "prune" and structure in method_class(name).structures:
+                        if stage == "prune" and method_class(name).supports_structure(structure):
                             cfg = grid.config(**settings, structure=structure, sparsity=sparsity)
                             make_method(cfg)
             except ConfigError as exc:
@@ -361,7 +361,7 @@ def jobs(grid: Grid) -> list[Job]:
                 for structure in grid.structures:
                     for sparsity in grid.sparsities[structure]:
                         skip = None
-                        if structure not in cls.structures:
+                        if not cls.supports_structure(structure):
                             skip = f"{method} does not support {structure} pruning"
                         key = make_key(ap_key, arch, dataset, structure, sparsity)
                         out.append(

@@ -111,9 +111,15 @@ def dataset_code(dataset: str) -> str:
     raise _one_of("dataset", text, DATASET_CODES)
 
 
+_NM_STRUCTURE = re.compile(r"^\d+\s*:\s*\d+$")
+
+
 def structure_code(structure: str) -> str:
-    """``US`` or ``S`` from a code or a granularity (``unstructured``, ``weights``, ``filters``)."""
+    """``US`` or ``S`` from a code or a granularity (``unstructured``, ``weights``, ``filters``);
+    N:M semi-structured sparsity (``2:4``: single weights within groups) is ``US``."""
     text = str(structure).strip()
+    if _NM_STRUCTURE.match(text):
+        return "US"
     code = _STRUCTURE_ALIASES.get(text.lower())
     if code is None:
         names = sorted(set(_STRUCTURE_ALIASES) - {"us", "s"})

@@ -8,6 +8,10 @@ reported, not measured here, and never compete with measured ones for the bold "
 A dense model stored as the baseline of its (architecture, dataset) (``Dense_..._US_0``) is
 shown in every table of its dataset, marked, and never ranked or bold among the methods.
 
+Models evaluated with ``advprune eval --profile`` also show what the pruning bought, measured
+against the dense model of their architecture: parameters kept, MACs kept and the measured CPU
+speed-up (a table under each measured Markdown table; columns of the HTML table).
+
 The HTML page is one self-contained file (inline CSS, JavaScript and data; no request leaves
 the page, so it works from ``file://``): one sortable table per dataset and source (measured
 here under one protocol, or reported by the benchmark), so rows of different datasets or
@@ -92,6 +96,26 @@ class Row:
     url: str | None = None
     source: str = MEASURED_SOURCE
     baseline: bool = False  # the dense model of its (architecture, dataset): shown, never ranked
+    profile: dict[str, Any] | None = None  # Profile.summary() (`eval --profile`), if measured
+
+    @property
+    def params_kept(self) -> float | None:
+        """Parameters kept, percent of the dense model's (None: not profiled)."""
+        return None if not self.profile else 100.0 * self.profile["params_fraction"]
+
+    @property
+    def macs_kept(self) -> float | None:
+        """MACs kept, percent of the dense model's (None: not profiled)."""
+        return None if not self.profile else 100.0 * self.profile["macs_fraction"]
+
+    def speedup(self) -> tuple[float, str] | None:
+        """The measured speed-up over the dense model on CPU at the largest batch timed (else
+        any device), with what it was measured at; None when not measured."""
+        rows = [lat for lat in (self.profile or {}).get("latency", []) if lat.get("speedup")]
+        if not rows:
+            return None
+        best = max(rows, key=lambda lat: (lat["device"] == "cpu", lat["batch_size"]))
+        return float(best["speedup"]), f"{best['device']}, batch {best['batch_size']}"
 
     @property
     def name(self) -> str:
@@ -205,6 +229,7 @@ def collect(store: Any, protocol: str | None = None, *, reference: bool = True) 
                 eps=worst.eps,
                 url=_method_url(k.method),
                 baseline=k.is_dense,
+                profile=worst.profile,
             )
         )
         board.attacks += [r.attack for r in others if r.attack not in board.attacks]
@@ -330,6 +355,29 @@ def _measured_tables(board: Board) -> list[tuple[tuple[str, str | None], list[Ro
     return sorted(tables, key=lambda t: (_rank(DATASET_NAMES, t[0][0]), t[0][1] is None))
 
 
+def _cost_table(rows: list[Row]) -> list[str]:
+    """What the pruning bought, per profiled model: robust accuracy beside parameters and MACs
+    kept and the measured speed-up (empty when no row was profiled)."""
+    profiled = [r for r in rows if r.profile]
+    if not profiled:
+        return []
+    lines = [
+        "What the pruning bought (measured here against the dense model of the architecture):",
+        "",
+        "| Model | Robust % | Params kept % | MACs kept % | Speed-up | Timed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(profiled, key=lambda r: (r.baseline is False, -(r.robust or -1.0))):
+        speed = r.speedup()
+        lines.append(
+            f"| `{r.key}` | {'n/a' if r.robust is None else f'{r.robust:.2f}'} | "
+            f"{r.params_kept:.2f} | {r.macs_kept:.2f} | "
+            + ("-" if speed is None else f"{speed[0]:.2f}x ({speed[1]})")
+            + f" | {_md_text(r.profile.get('timed') or '')} |"
+        )
+    return [*lines, ""]
+
+
 def markdown(board: Board) -> str:
     """The leaderboard as Markdown: measured tables, their flags, then the reported tables."""
     measured, reported = board.measured, board.reported
@@ -365,6 +413,7 @@ def markdown(board: Board) -> str:
         lines += [f"## {dataset_name(dataset)} {what} (measured here)", ""]
         baselines = [b for b in board.baselines if b.dataset == dataset]
         lines += [*_markdown_table(rows, notes, baselines), ""]
+        lines += _cost_table(rows)
     if notes:
         lines += ["Unreliable evaluations (⚠):", ""]
         lines += [f"{i}. {text}" for i, text in enumerate(notes, 1)] + [""]
@@ -418,6 +467,10 @@ def _page_data(board: Board) -> dict[str, Any]:
             "attacks": r.attacks,
             "curve": r.curve,
             "n": r.n,
+            "params_kept": r.params_kept,
+            "macs_kept": r.macs_kept,
+            "speedup": None if r.speedup() is None else r.speedup()[0],
+            "speedup_at": None if r.speedup() is None else r.speedup()[1],
         }
         for r in board.rows
     ]
@@ -431,6 +484,7 @@ def _page_data(board: Board) -> dict[str, Any]:
         "reference_source": board.reference_source,
         "reference_note": board.reference_note,
         "nothing_measured": _nothing_measured(board),
+        "profiled": any(r.profile for r in board.measured),
         "rows": rows,
     }
 

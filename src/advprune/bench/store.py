@@ -3,9 +3,14 @@
 A row holds every field of a report entry (attack configuration, seconds, robust accuracy,
 flags, details), the report-level fields (clean accuracy, n, eps as text and value, norm,
 dataset, reliability), the whole report JSON (with its security curve), and the per-sample
-file's absolute path and sha256. Besides one row per attack, each report adds the row
+file's absolute path and sha256, and the model's profile when the evaluation measured one
+(``advprune eval --profile``: parameters and MACs kept against the dense model, file sizes,
+measured speed-ups). Besides one row per attack, each report adds the row
 ``attack="worst-case"``: the per-sample worst case over the empirical attacks, which is what
 leaderboards rank by.
+
+Store versions: 1 (no profile column) is read as it is (profiles None) and migrated to 2 by the
+first write (one ``ALTER TABLE`` in the write's transaction).
 
 Writes are transactions (``BEGIN IMMEDIATE``): adding a report replaces the rows of the same
 (key, protocol) all at once, so a crash leaves the old rows or the new ones, never a mix.
@@ -30,7 +35,8 @@ from advprune.errors import ConfigError, DataError
 __all__ = ["DEFAULT_STORE", "STORE_VERSION", "ResultsStore", "StoredResult", "protocol_of"]
 
 DEFAULT_STORE = "results.sqlite"
-STORE_VERSION = 1
+STORE_VERSION = 2
+_READABLE_VERSIONS = (1, 2)  # version 1: before the profile column
 WORST_CASE = "worst-case"
 _BUSY_TIMEOUT_S = 60.0
 # Journal mode: SQLite's default rollback journal ("delete"), deliberately not WAL. WAL needs a
@@ -70,6 +76,7 @@ CREATE TABLE IF NOT EXISTS results (
     per_sample_sha256 TEXT,
     created TEXT,
     added TEXT NOT NULL,
+    profile TEXT,
     UNIQUE (key, protocol, attack)
 );
 """
@@ -101,6 +108,7 @@ _COLUMNS = [
     "per_sample_sha256",
     "created",
     "added",
+    "profile",
 ]
 
 
@@ -140,6 +148,7 @@ class StoredResult:
     config: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     created: str | None = None
+    profile: dict[str, Any] | None = None  # Profile.summary() of `eval --profile`, if measured
 
     @property
     def model_key(self) -> ModelKey:
@@ -158,6 +167,7 @@ class ResultsStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._version = STORE_VERSION  # of the file, as the last connection found it
 
     # ------------------------------------------------------------------ connection
 
@@ -218,10 +228,29 @@ class ResultsStore:
                 f"(tables: {', '.join(sorted(tables))})"
             )
         row = con.execute("SELECT version FROM advprune_store").fetchone()
-        if row is None or row[0] != STORE_VERSION:
+        if row is None or row[0] not in _READABLE_VERSIONS:
             raise ConfigError(
-                f"{self.path} has store version {row and row[0]}, not {STORE_VERSION}"
+                f"{self.path} has store version {row and row[0]}; this advprune reads versions "
+                f"{', '.join(map(str, _READABLE_VERSIONS))}"
+                + (": upgrade advprune" if row and isinstance(row[0], int) and row[0] > 2 else "")
             )
+        self._version = row[0]
+        if create and row[0] < STORE_VERSION:
+            self._migrate(con)
+
+    def _migrate(self, con: sqlite3.Connection) -> None:
+        """Bring a version 1 store to the current version (in one transaction)."""
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            version = con.execute("SELECT version FROM advprune_store").fetchone()[0]
+            if version == 1:  # another writer may have migrated it meanwhile
+                con.execute("ALTER TABLE results ADD COLUMN profile TEXT")
+                con.execute("UPDATE advprune_store SET version = ?", (STORE_VERSION,))
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        self._version = STORE_VERSION
 
     # ------------------------------------------------------------------ writing
 
@@ -279,6 +308,7 @@ class ResultsStore:
                 raise DataError(f"the report's per-sample file {file} does not exist")
             per_sample, sha = str(file), sha256_file(file)
         protocol = protocol_of(report)
+        profile = (report.model or {}).get("profile")
         report_json = json.dumps(report.to_dict())
         report_flags = [_flag(f) for f in report.flags]
         added = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -302,6 +332,7 @@ class ResultsStore:
             per_sample_sha256=sha,
             created=report.created,
             added=added,
+            profile=_dumps(profile) if profile else None,
         )
         rows = []
         for e in report.entries:
@@ -380,8 +411,10 @@ class ResultsStore:
         where, args = _where(key=key, protocol=protocol, attack=attack)
         cols = [c for c in _COLUMNS if c not in _KEY_PARTS]
         with self._connect(write=False) as con:
+            # a version 1 store has no profile column: read it as NULL
+            select = [c if c != "profile" or self._version >= 2 else "NULL" for c in cols]
             rows = con.execute(
-                f"SELECT {', '.join(cols)} FROM results{where} "
+                f"SELECT {', '.join(select)} FROM results{where} "
                 f"ORDER BY key, protocol, attack = '{WORST_CASE}', rowid",
                 args,
             ).fetchall()
@@ -390,6 +423,7 @@ class ResultsStore:
             d = dict(zip(cols, row))
             for name in ("flags", "robust_accuracy_at", "config", "details"):
                 d[name] = _loads(d[name])
+            d["profile"] = _loads(d["profile"]) if d["profile"] else None
             d["reliable"] = bool(d["reliable"])
             out.append(StoredResult(**d))
         return out

@@ -175,6 +175,10 @@ class Report:
             if self.model.get("checkpoint"):
                 model += f"  {self.model['checkpoint']}"
             lines.append(model)
+        if self.model.get("profile"):  # `advprune eval --profile`: what the pruning bought
+            from advprune.sparsity.profiling import format_summary
+
+            lines.append(f"  cost: {format_summary(self.model['profile'])}")
         lines.append(f"  clean accuracy                {100 * self.clean_accuracy:6.2f} %")
         for e in self.entries:
             acc = "   n/a" if e.robust_accuracy is None else f"{100 * e.robust_accuracy:6.2f}"

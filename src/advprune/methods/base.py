@@ -31,7 +31,7 @@ from advprune._validation import check_sparsity
 from advprune.errors import ConfigError
 from advprune.methods.taxonomy import Taxonomy
 from advprune.registry import Options, Registry, parse_options
-from advprune.sparsity import GRANULARITIES, SCOPES
+from advprune.sparsity import SCOPES, list_structures, parse_structure
 from advprune.sparsity.allocation import allocate, check_allocation, check_allocation_params
 from advprune.training.trainer import Regularizer
 
@@ -40,7 +40,8 @@ class Method(ABC):
     """Base class of pruning methods.
 
     Subclasses set ``name``, ``taxonomy`` (the benchmark's classification of the method),
-    ``structures`` and ``scopes`` (the granularities and scopes this implementation accepts),
+    ``structures`` and ``scopes`` (the structures, see :mod:`advprune.sparsity.structures`, and
+    scopes this implementation accepts; ``nm`` means any ``N:M`` such as ``2:4``),
     ``stages`` (ordered; ``"prune"`` is where :meth:`prune` runs) and ``trains`` (stage ->
     parameter kinds trained in that stage; a stage absent from ``trains`` has no training),
     and implement :meth:`prune`.
@@ -52,7 +53,7 @@ class Method(ABC):
 
     name: ClassVar[str]
     taxonomy: ClassVar[Taxonomy]
-    structures: ClassVar[tuple[str, ...]] = ("unstructured",)  # granularities implemented
+    structures: ClassVar[tuple[str, ...]] = ("unstructured",)  # structures implemented
     scopes: ClassVar[tuple[str, ...]] = ("local",)  # scopes implemented
     stages: ClassVar[tuple[str, ...]]
     trains: ClassVar[Mapping[str, tuple[str, ...]]]
@@ -90,18 +91,26 @@ class Method(ABC):
             scope = "global"
         self.allocation = allocation
         self.allocation_params = check_allocation_params(allocation, allocation_params or {})
-        if structure not in self.structures:
+        parsed_structure = parse_structure(structure)
+        if parsed_structure.name not in self.structures:
             raise ConfigError(
                 f"method {self.name!r} does not support structure {structure!r}; "
-                f"it supports: {', '.join(self.structures)}"
+                f"it supports: {_structures_text(self.structures)}"
             )
+        self._check_fixed_density(parsed_structure, allocation, scope)
         if scope not in self.scopes:
             raise ConfigError(
                 f"method {self.name!r} does not support scope {scope!r}; "
                 f"it supports: {', '.join(self.scopes)}"
             )
         parsed = parse_options(self.Options, options, f"method {self.name!r}")
-        self.structure, self.scope = structure, scope
+        #: the structure as text (``"filters"``, ``"2:4"``), its parsed form and the mask
+        #: granularity it uses (``"unstructured"`` for N:M)
+        self.structure, self.scope = str(parsed_structure), scope
+        self.structure_spec = parsed_structure
+        self.granularity = parsed_structure.granularity
+        #: layers the structure cannot take (N:M: input dimension not a multiple of M), and why
+        self.skipped_layers: dict[str, str] = {}
         self.layer_selection = {
             "keep_first": keep_first,
             "keep_last": keep_last,
@@ -110,20 +119,64 @@ class Method(ABC):
         }
         self.opts: dict[str, Any] = parsed.model_dump()
 
+    def _check_fixed_density(self, structure: Any, allocation: str, scope: str) -> None:
+        """A structure that fixes every pruned layer's density (N:M) takes no other sparsity,
+        allocation or scope."""
+        density = structure.density
+        if density is None:
+            return
+        if abs(self.sparsity - (1.0 - density)) > 1e-9:
+            raise ConfigError(
+                f"structure {structure} keeps {structure.nm[0]} of every {structure.nm[1]} "
+                f"weights of each layer it prunes: sparsity {1.0 - density:g}, not "
+                f"{self.sparsity:g}; pass --sparsity {1.0 - density:g} or leave it out"
+            )
+        if allocation != self.default_allocation or scope != "local":
+            raise ConfigError(
+                f"structure {structure} fixes every pruned layer's density at {density:g}: "
+                f"no layer allocation or global scope applies (got allocation {allocation!r}, "
+                f"scope {scope!r})"
+            )
+
+    @classmethod
+    def supports_structure(cls, structure: str) -> bool:
+        """Whether this method accepts ``structure`` (``filters``, ``2:4``, ...)."""
+        try:
+            return parse_structure(structure).name in cls.structures
+        except ConfigError:
+            return False
+
     def layers(self, model: nn.Module) -> dict[str, nn.Module]:
-        """The layers this method prunes in ``model``."""
+        """The layers this method prunes in ``model``: the layer selection, less the layers
+        the structure cannot take (recorded with the reason in :attr:`skipped_layers`)."""
         from advprune.sparsity import prunable_layers
 
-        return prunable_layers(model, **self.layer_selection)
+        chosen = prunable_layers(model, **self.layer_selection)
+        self.skipped_layers = {}
+        for name, module in chosen.items():
+            why = self.structure_spec.incompatible(tuple(module.weight.shape))
+            if why is not None:
+                self.skipped_layers[name] = why
+        if len(self.skipped_layers) == len(chosen):
+            raise ConfigError(
+                f"no layer of {type(model).__name__} can take structure {self.structure}: "
+                + "; ".join(f"{n}: {why}" for n, why in list(self.skipped_layers.items())[:2])
+            )
+        return {n: m for n, m in chosen.items() if n not in self.skipped_layers}
 
     def target_densities(self, model: nn.Module, sparsity: float | None = None) -> dict[str, float]:
         """Per-layer target densities of :meth:`layers` from this method's ``allocation`` at
-        ``sparsity`` (default: the method's target)."""
+        ``sparsity`` (default: the method's target); a structure that fixes the density
+        (N:M: N / M) gives every layer that."""
+        layers = self.layers(model)
+        fixed = self.structure_spec.density
+        if fixed is not None:
+            return {name: fixed for name in layers}
         return allocate(
             self.allocation,
-            self.layers(model),
+            layers,
             self.sparsity if sparsity is None else sparsity,
-            granularity=self.structure,
+            granularity=self.granularity,
             **self.allocation_params,
         )
 
@@ -206,6 +259,10 @@ class Method(ABC):
 _METHODS: Registry[type[Method]] = Registry("method")
 
 
+def _structures_text(names: tuple[str, ...]) -> str:
+    return ", ".join("N:M (e.g. 2:4)" if n == "nm" else n for n in names)
+
+
 def _options_model(cls: type[Method]) -> type[Options]:
     """``cls.Options``, or for a method that declares only an ``options`` dict of defaults, a
     model of those keys (values of the defaults' types)."""
@@ -218,12 +275,13 @@ def _options_model(cls: type[Method]) -> type[Options]:
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator registering a method under ``cls.name``."""
-    bad = [s for s in cls.structures if s not in GRANULARITIES]
+    bad = [s for s in cls.structures if s not in list_structures()]
     bad += [s for s in cls.scopes if s not in SCOPES]
     if bad or not cls.structures or not cls.scopes:
         raise ValueError(
             f"{cls.__name__}.structures / scopes must be non-empty and within "
-            f"{', '.join(GRANULARITIES)} / {', '.join(SCOPES)}, got {cls.structures} / {cls.scopes}"
+            f"{', '.join(list_structures())} / {', '.join(SCOPES)}, got {cls.structures} / "
+            f"{cls.scopes}"
         )
     for stage in cls.trains:
         if stage not in cls.stages:

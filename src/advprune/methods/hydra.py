@@ -15,7 +15,10 @@ magnitude (LWM) mask of the same densities. Stages, as in the reference code:
 
 Structured HYDRA (``filters`` / ``channels``) keeps the scores weight-shaped and ranks each
 filter / input channel by the L1 norm of its scores, so the mask removes whole units; the
-straight-through gradient reaches every score of a unit through that norm.
+straight-through gradient reaches every score of a unit through that norm. Under an N:M
+structure (``2:4``) the scores are ranked within each group of M consecutive input weights
+(:class:`~advprune.sparsity.NMScoreMask`): the mask keeps exactly N of every M, and the scaled
+init makes it the N:M magnitude mask before training.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch import nn
 
 from advprune.methods.base import Method, Taxonomy, register_method
 from advprune.registry import Options
-from advprune.sparsity import HydraMask, attach_mask, dense_weight
+from advprune.sparsity import HydraMask, NMScoreMask, attach_mask, dense_weight
 
 SCORE_INITS = ("scaled", "kaiming_normal", "kaiming_uniform")  # HYDRA.Options.score_init
 
@@ -68,7 +71,7 @@ class HYDRA(Method):
         "NeurIPS 2020",
     )
     # implemented beyond the paper's unstructured pruning: filters and channels
-    structures: ClassVar[tuple[str, ...]] = ("unstructured", "filters", "channels")
+    structures: ClassVar[tuple[str, ...]] = ("unstructured", "filters", "channels", "nm")
     scopes: ClassVar[tuple[str, ...]] = ("local",)
     stages: ClassVar[tuple[str, ...]] = ("pretrain", "prune", "finetune")
     trains: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -101,10 +104,13 @@ class HYDRA(Method):
     def prune(self, model: nn.Module) -> dict[str, float]:
         layers = self.layers(model)
         densities = self.target_densities(model)
+        nm = self.structure_spec.nm
         for name, module in layers.items():
             weight = dense_weight(module)
-            mask = HydraMask(
-                weight.shape, self.structure, densities[name], self._init_scores(weight)
-            )
+            scores = self._init_scores(weight)
+            if nm is not None:
+                mask = NMScoreMask(weight.shape, scores=scores, n=nm[0], m=nm[1])
+            else:
+                mask = HydraMask(weight.shape, self.granularity, densities[name], scores)
             attach_mask(module, mask.to(weight.device))
         return densities

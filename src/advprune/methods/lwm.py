@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar
 
+import torch
 from pydantic import Field
 from torch import nn
 
@@ -12,12 +13,23 @@ from advprune.methods.base import Method, Taxonomy, register_method
 from advprune.registry import Options
 from advprune.sparsity import (
     FixedMask,
+    NMMask,
     attach_mask,
     dense_weight,
     get_mask,
     layer_masks,
     magnitude_importance,
+    nm_mask,
 )
+
+
+def _current_weight(module: nn.Module) -> torch.Tensor:
+    """The dense weight with an earlier mask applied (what a new ranking sees)."""
+    weight = dense_weight(module)
+    old = get_mask(module)
+    if old is not None:
+        weight = weight * old.full_mask().to(weight.dtype)
+    return weight
 
 
 def attach_magnitude_masks(
@@ -28,17 +40,23 @@ def attach_magnitude_masks(
     Weights an earlier mask removed rank by their *masked* value (0), so they stay removed
     unless a layer keeps more units than were left (never the case when densities shrink).
     """
-    importance = {}
-    for name, module in layers.items():
-        weight = dense_weight(module)
-        old = get_mask(module)
-        if old is not None:
-            weight = weight * old.full_mask().to(weight.dtype)
-        importance[name] = magnitude_importance(weight, granularity)
+    importance = {
+        name: magnitude_importance(_current_weight(module), granularity)
+        for name, module in layers.items()
+    }
     masks = layer_masks(importance, densities)
     for name, module in layers.items():
         attach_mask(module, FixedMask(module.weight.shape, granularity, masks[name]))
     return dict(densities)
+
+
+def attach_nm_masks(layers: Mapping[str, nn.Module], n: int, m: int) -> dict[str, float]:
+    """Fixed N:M masks (:class:`~advprune.sparsity.NMMask`) keeping the ``n`` largest
+    ``|w|`` of every ``m`` consecutive input weights of each layer; densities ``n / m``."""
+    for module in layers.values():
+        mask = nm_mask(_current_weight(module).detach().abs(), n, m)
+        attach_mask(module, NMMask(module.weight.shape, mask=mask, n=n, m=m))
+    return {name: n / m for name in layers}
 
 
 _LWM_TAXONOMY = dict(
@@ -59,7 +77,10 @@ class LWM(Method):
     Stages: ``pretrain`` (dense weights train) -> ``prune`` (fixed magnitude masks, no
     training) -> ``finetune`` (surviving weights train, masks fixed). The per-layer densities
     come from the ``allocation`` (default ``uniform``: every layer at the target;
-    ``scope="global"`` is allocation ``global``: one ranking of all units).
+    ``scope="global"`` is allocation ``global``: one ranking of all units). Structure ``N:M``
+    (``2:4``) keeps the ``N`` largest ``|w|`` of every ``M`` consecutive input weights of each
+    layer whose input dimension is a multiple of ``M`` (the others stay dense, see
+    :attr:`Method.skipped_layers`).
     """
 
     name: ClassVar[str] = "lwm"
@@ -69,7 +90,7 @@ class LWM(Method):
         reference="Han et al., Learning both Weights and Connections, NeurIPS 2015",
         **_LWM_TAXONOMY,
     )
-    structures: ClassVar[tuple[str, ...]] = ("unstructured", "filters", "channels")
+    structures: ClassVar[tuple[str, ...]] = ("unstructured", "filters", "channels", "nm")
     scopes: ClassVar[tuple[str, ...]] = ("local", "global")
     stages: ClassVar[tuple[str, ...]] = ("pretrain", "prune", "finetune")
     trains: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -78,8 +99,11 @@ class LWM(Method):
     }
 
     def prune(self, model: nn.Module) -> dict[str, float]:
+        nm = self.structure_spec.nm
+        if nm is not None:
+            return attach_nm_masks(self.layers(model), *nm)
         return attach_magnitude_masks(
-            self.layers(model), self.target_densities(model), self.structure
+            self.layers(model), self.target_densities(model), self.granularity
         )
 
 
@@ -101,6 +125,7 @@ class IterativeLWM(LWM):
         reference="Zhu & Gupta, To prune, or not to prune, 2017",
         **_LWM_TAXONOMY,
     )
+    structures: ClassVar[tuple[str, ...]] = ("unstructured", "filters", "channels")
     trains: ClassVar[dict[str, tuple[str, ...]]] = {
         "pretrain": ("weights", "bn"),
         "prune": ("weights", "bn"),
@@ -125,7 +150,7 @@ class IterativeLWM(LWM):
 
     def prune_round(self, model: nn.Module, round_index: int) -> dict[str, float]:
         densities = self.target_densities(model, self.round_sparsity(round_index))
-        return attach_magnitude_masks(self.layers(model), densities, self.structure)
+        return attach_magnitude_masks(self.layers(model), densities, self.granularity)
 
     def prune(self, model: nn.Module) -> dict[str, float]:
         """All rounds at once, without training between them (for one-call use)."""

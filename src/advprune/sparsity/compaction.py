@@ -624,3 +624,21 @@ def build_compacted(model: nn.Module, widths: Mapping[str, Mapping[str, Any]]) -
             model.get_submodule(parent) if parent else model, child, _resized(module, width, name)
         )
     return model
+
+
+def layer_widths(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every conv / linear / BatchNorm layer's shape in :meth:`CompactRecord.widths` form
+    (what :func:`build_compacted` takes), read off ``model`` itself."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _BATCHNORMS):
+            out[name] = {"type": type(module).__name__, "features": module.num_features}
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
+            c_in, c_out = _shape(module)
+            out[name] = {
+                "type": type(module).__name__,
+                "in": c_in,
+                "out": c_out,
+                "bias": module.bias is not None,
+            }
+    return out
