@@ -17,6 +17,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _module_cache(tmp_path_factory):
+    """A module's own ``$ADVPRUNE_CACHE`` while its module-scoped fixtures run (a fixture that
+    evaluates once for the whole file must tune HO-FMN, not reuse ``~/.cache``)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ADVPRUNE_CACHE", str(tmp_path_factory.mktemp("module-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own ``$ADVPRUNE_CACHE`` (tuned HO-FMN configurations, zoo files):
