@@ -9,6 +9,7 @@ import json
 import pytest
 import yaml
 
+from _grid_helpers import TINY
 from advprune.bench.collect import ingest
 from advprune.bench.grid import jobs, load_grid, run_job
 from advprune.bench.store import ResultsStore
@@ -17,20 +18,17 @@ from advprune.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+# TINY's base and pretrain (tests/_grid_helpers.py) with HYDRA and a structured sparsity added
 GRID = {
-    "name": "tiny",
-    "base": {"dataset": "digits", "model": "digits_cnn", "objective": "pgd", "eps": "3/16",
-             "attack_steps": 1, "batch_size": 256, "device": "cpu", "progress": False},
-    "pretrain": {"epochs": 1, "lr": 0.05},
+    **TINY,
     "methods": {
-        "lwm": {"prune": {"epochs": 0}, "finetune": {"epochs": 1, "lr": 0.01}},
+        "lwm": TINY["methods"]["lwm"],
         "hydra": {"prune": {"epochs": 1}, "finetune": {"epochs": 1}},
-        "binary": {"prune": {"epochs": 1}},
+        "binary": TINY["methods"]["binary"],
     },
     "structures": ["unstructured", "filters"],
     "sparsities": {"unstructured": [0.9], "filters": [0.5]},
-    "evaluation": {"attacks": ["pgd"], "n": 24},
-}  # fmt: skip
+}
 LWM = "LWM_Han2015Learning_DCNN_DIGITS_US_90"
 
 
