@@ -46,9 +46,15 @@ from advprune.evaluation.checks import (
     run_probe,
 )
 from advprune.evaluation.curve import default_eps_grid, plot_security_curve, security_curve
-from advprune.evaluation.report import REPORT_FILE, SAMPLES_FILE, Entry, Flag, Report
-from advprune.evaluation.report import load_samples as _load_npz
-from advprune.evaluation.report import save_samples as _save_npz
+from advprune.evaluation.report import (
+    REPORT_FILE,
+    SAMPLES_FILE,
+    Entry,
+    Flag,
+    Report,
+    load_samples,
+    save_samples,
+)
 from advprune.evaluation.shards import auto_batch_size, eval_devices, shard_of, spawn_evaluate
 from advprune.io import check_same_settings, read_json_record, write_json_atomic
 from advprune.progress import ProgressSetting, resolve
@@ -238,7 +244,7 @@ def _run_attack(
         hi = min(lo + batch_size, n)
         path = out / "batches" / f"{attack.name}_{b:05d}.npz" if out is not None else None
         if path is not None and path.exists():
-            arrays = _load_npz(path)
+            arrays = load_samples(path)
         else:
             x, y = data.x[lo:hi].to(device), data.y[lo:hi].to(device)
             t0 = time.perf_counter()
@@ -246,7 +252,7 @@ def _run_attack(
                 arrays = attack.run_batch(model, x, y, _batch_seed(seed, attack.name, b))
             arrays["seconds"] = np.asarray(time.perf_counter() - t0)
             if path is not None:
-                _save_npz(path, arrays)
+                save_samples(path, arrays)
         parts.append((b, arrays))
         if after_batch is not None:
             after_batch(attack.name, b)
@@ -654,7 +660,7 @@ def _square_flags(names: Sequence[str], samples: dict[str, np.ndarray]) -> list[
 def _write_outputs(report: Report, out: Path, names: Sequence[str]) -> None:
     """per_sample.npz, the curve plots and report.json (last: its presence means done)."""
     assert report.samples is not None
-    _save_npz(out / SAMPLES_FILE, report.samples)
+    save_samples(out / SAMPLES_FILE, report.samples)
     report.files = {"per_sample": SAMPLES_FILE}
     if "hofmn" in names:
         report.files.update(hofmn_config=TUNED_FILE)
