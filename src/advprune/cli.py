@@ -433,10 +433,12 @@ def _processes(cfg: Any) -> Iterator[Any]:
     from advprune.distributed import init_distributed, shutdown
 
     dist = init_distributed(cfg.device)
+    finished = False
     try:
         yield dist
+        finished = True
     finally:
-        shutdown()
+        shutdown(wait=finished)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -196,9 +196,14 @@ def init_distributed(device: str | torch.device | None = None) -> DistContext:
     return DistContext.from_env()
 
 
-def shutdown() -> None:
-    """Leave the process group (nothing to do in a single process)."""
+def shutdown(*, wait: bool = False) -> None:
+    """Leave the process group (nothing to do in a single process). ``wait``: first wait for
+    every process to arrive (after a successful run), so that none tears down its connections
+    while another still uses them (gloo then aborts the other with ``terminate called``);
+    never after an error, where a dead process would never arrive."""
     if _initialized():
+        if wait:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -109,6 +109,7 @@ def _worker(
     device = devices[rank]
     if device.type == "cpu":
         torch.set_num_threads(threads)
+    finished = False
     try:
         if isinstance(model, Path):  # a pruned advprune model, sent as its checkpoint
             from advprune.checkpoint import load_checkpoint
@@ -116,11 +117,12 @@ def _worker(
             model, _ = load_checkpoint(model)
         init_distributed("cuda" if device.type == "cuda" else "cpu")
         evaluate(model, data, **{**kwargs, "device": device})
+        finished = True
     except AdvpruneError as exc:  # the parent raises it as one line
         Path(errors, _ERROR_FILE.format(rank=rank)).write_text(str(exc))
         sys.exit(2)
     finally:
-        shutdown()
+        shutdown(wait=finished)
 
 
 def spawn_evaluate(
