@@ -99,3 +99,24 @@ def test_convergence_and_monotonicity_rules():
     probe = Probe(eps=[0.1, 0.2, 1.0], robust_accuracy=[0.5, 0.4, 0.1], unbounded_success=0.9,
                   loss_history=list(rising), n=10)  # fmt: skip
     assert [f.name for f in probe_flags(probe)] == ["loss_not_converged", "unbounded_attack_failed"]
+
+
+@pytest.mark.parametrize("eps", [3 / 16, 1.5], ids=["eps-inside-box", "eps-beyond-box"])
+def test_probe_shared_out_over_processes_is_the_probe_of_one(model, eps):
+    """A sharded evaluation shares the probe's PGD runs out (run i in process i % world): each
+    run is the same code on the same points, so the merge equals one process's probe exactly.
+    eps beyond the box adds a run for the loss history alone."""
+    from advprune.evaluation.checks import merge_probe, probe_runs, probe_tasks, run_probe
+
+    x = torch.stack([digits_splits().test[i][0] for i in range(32)])
+    y = torch.tensor([int(digits_splits().test[i][1]) for i in range(32)])
+    tasks = probe_tasks(x, eps, "linf")
+    assert tasks[-1][1] == (eps > 1)  # a history-only run where eps is not a radius
+    whole = run_probe(model, x, y, eps=eps, norm="linf", steps=5)
+    runs = {}
+    for rank in range(3):
+        part = probe_runs(model, x, y, eps=eps, norm="linf", steps=5, rank=rank, world=3)
+        assert sorted(part) == list(range(rank, len(tasks), 3))
+        runs.update(part)
+    assert merge_probe(runs, x, eps=eps, norm="linf", n=32) == whole
+    assert len(whole.loss_history) == 6 and len(whole.eps) == len(whole.robust_accuracy)

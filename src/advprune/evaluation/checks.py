@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,8 +46,11 @@ __all__ = [
     "convergence_flag",
     "forward_checks",
     "improvement_flag",
+    "merge_probe",
     "model_flags",
     "probe_flags",
+    "probe_runs",
+    "probe_tasks",
     "run_probe",
 ]
 
@@ -208,6 +212,75 @@ def _pgd_with_history(
     return best[-1] > 0, best.clamp(max=0.0)
 
 
+def probe_tasks(x: Tensor, eps: float, norm: str) -> list[tuple[float, bool]]:
+    """The probe's PGD runs, in order: ``(radius, is_history_only)``: one per radius
+    (:data:`PROBE_FACTORS` times ``eps`` inside the box, then the whole box), plus a run at
+    ``eps`` for the loss history where ``eps`` is not one of the radii."""
+    box = _box_radius(x, norm)
+    radii = [f * eps for f in PROBE_FACTORS if f * eps < box] + [box]
+    tasks = [(r, False) for r in radii]
+    if eps not in radii:
+        tasks.append((eps, True))
+    return tasks
+
+
+def probe_runs(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    norm: str,
+    steps: int = 50,
+    rank: int = 0,
+    world: int = 1,
+) -> dict[int, dict[str, Any]]:
+    """This process's share of :func:`run_probe`: task ``i`` of :func:`probe_tasks` where
+    ``i % world == rank``, each ``{"broken": count, "history": [...]}`` by task index.
+    Every task runs the same code on all the probe points in whichever process, so the
+    merged probe (:func:`merge_probe`) is the same for any number of processes."""
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+    xs, ys = x[correct], y[correct]
+    out: dict[int, dict[str, Any]] = {}
+    for i, (r, _) in enumerate(probe_tasks(x, eps, norm)):
+        if i % world != rank:
+            continue
+        if xs.shape[0] == 0:
+            out[i] = {"broken": 0, "history": []}
+            continue
+        broken, hist = _pgd_with_history(model, xs, ys, r, norm, steps)
+        out[i] = {"broken": int(broken.sum()), "history": hist.mean(1).tolist(),
+                  "correct": int(correct.sum())}  # fmt: skip
+    return out
+
+
+def merge_probe(
+    runs: dict[int, dict[str, Any]], x: Tensor, *, eps: float, norm: str, n: int
+) -> Probe:
+    """The :class:`Probe` from every task's run (:func:`probe_runs` of all processes)."""
+    tasks = probe_tasks(x, eps, norm)
+    radii = [r for r, history_only in tasks if not history_only]
+    robust, history, box_success = [], [], 1.0
+    for i, (r, history_only) in enumerate(tasks):
+        run = runs[i]
+        correct = run.get("correct", 0)
+        if r == eps:
+            history = run["history"]
+        if history_only:
+            continue
+        robust.append((correct - run["broken"]) / n)
+        if i == len(radii) - 1 and correct:
+            box_success = run["broken"] / correct
+    return Probe(
+        eps=radii,
+        robust_accuracy=robust,
+        unbounded_success=box_success,
+        loss_history=history,
+        n=n,
+    )
+
+
 def run_probe(
     model: nn.Module,
     x: Tensor,
@@ -219,35 +292,11 @@ def run_probe(
 ) -> Probe:
     """Attack ``(x, y)`` with PGD at several multiples of ``eps`` and over the whole box.
 
-    The model must be in eval mode. Only correctly classified points are attacked.
+    The model must be in eval mode. Only correctly classified points are attacked. A sharded
+    evaluation shares the runs out with :func:`probe_runs` and :func:`merge_probe`.
     """
-    with torch.no_grad():
-        correct = model(x).argmax(1) == y
-    n = x.shape[0]
-    xs, ys = x[correct], y[correct]
-    radii = [f * eps for f in PROBE_FACTORS if f * eps < _box_radius(x, norm)]
-    radii.append(_box_radius(x, norm))
-    robust, history = [], []
-    broken_box = 0.0
-    for r in radii:
-        if xs.shape[0] == 0:
-            robust.append(0.0)
-            continue
-        broken, hist = _pgd_with_history(model, xs, ys, r, norm, steps)
-        robust.append(float((~broken).sum()) / n)
-        if r == eps:
-            history = hist.mean(1).tolist()
-        if r == radii[-1]:
-            broken_box = float(broken.float().mean())
-    if not history and xs.shape[0]:
-        history = _pgd_with_history(model, xs, ys, eps, norm, steps)[1].mean(1).tolist()
-    return Probe(
-        eps=radii,
-        robust_accuracy=robust,
-        unbounded_success=broken_box if xs.shape[0] else 1.0,
-        loss_history=history,
-        n=n,
-    )
+    runs = probe_runs(model, x, y, eps=eps, norm=norm, steps=steps)
+    return merge_probe(runs, x, eps=eps, norm=norm, n=x.shape[0])
 
 
 def improvement_flag(total: float, late: float, *, name: str, what: str) -> Flag | None:
