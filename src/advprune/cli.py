@@ -188,6 +188,8 @@ _EVAL_ONLY = (
     "checkpoint_path",
     "auto_batch",
     "hofmn_cache",
+    "compile",
+    "channels_last",
     "attacks",
     "attack_options",
     "aa_version",
@@ -243,6 +245,21 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
         metavar="DIR|off",
         help="tuned HO-FMN configurations by model (default $ADVPRUNE_CACHE/hofmn, else "
         "~/.cache/advprune/hofmn): a later run on the same model reuses its tuning",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="compile the attacks' forward passes without gradients (Square's queries, "
+        "re-checks) with torch.compile: seconds to compile once per process, faster on long "
+        "runs; the same results up to float rounding",
+    )
+    g.add_argument(
+        "--channels-last",
+        dest="channels_last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="attacks in channels-last memory format (default: on for CUDA)",
     )
     g.add_argument(
         "--eps-grid",

@@ -41,11 +41,13 @@ from advprune.evaluation.autoattack import AA_VERSIONS
 from advprune.evaluation.checks import (
     SQUARE_THRESHOLD,
     forward_checks,
+    merge_probe,
     model_flags,
     probe_flags,
-    run_probe,
+    probe_runs,
 )
 from advprune.evaluation.curve import default_eps_grid, plot_security_curve, security_curve
+from advprune.evaluation.forward import attack_view, use_channels_last
 from advprune.evaluation.report import (
     REPORT_FILE,
     SAMPLES_FILE,
@@ -300,6 +302,8 @@ def evaluate(
     attack_options: dict[str, dict[str, Any]] | None = None,
     devices: int | str | Sequence[str | torch.device] | None = None,
     hofmn_cache: str | Path | bool | None = None,
+    compile: bool = False,
+    channels_last: bool | None = None,
 ) -> Report:
     """Evaluate the robustness of ``model`` (any ``nn.Module`` on inputs in [0, 1]).
 
@@ -348,6 +352,12 @@ def evaluate(
             (sha256), the tuning data and the tuning settings, reused by later runs on the
             same model (the tuning is deterministic, so the result is the same). ``None``:
             ``$ADVPRUNE_CACHE/hofmn``, else ``~/.cache/advprune/hofmn``; ``False``: none.
+        compile: run the attacks' forward passes without gradients (Square's queries, the
+            re-checks) through ``torch.compile`` (see :mod:`advprune.evaluation.forward`);
+            compiling costs seconds once per process, so it pays on long runs.
+        channels_last: attacks in channels-last memory format (``None``: on for CUDA).
+            Both change kernels, not the protocol: they are recorded in the report and a
+            resumed run may change them.
 
     Returns:
         The :class:`Report`; ``report.samples`` holds the per-sample arrays: ``index``,
@@ -443,14 +453,20 @@ def evaluate(
             write_json_atomic(out_path / RUN_FILE, record)
         dist.barrier()  # no batch file is written before the settings record
 
-        # ---- failure-check probe (seeded; deterministic: PGD from x), on rank 0
-        probe = None
-        if dist.is_main:
-            k = min(check_n, total)
-            probe = run_probe(
-                model, ev.x[:k].to(device), ev.y[:k].to(device), eps=eps_value, norm=norm,
-                steps=probe_steps,
-            )  # fmt: skip
+        # the attacks (and the probe) run on the model, or its compiled / channels-last view
+        runtime = {
+            "compile": bool(compile),
+            "channels_last": use_channels_last(channels_last, device),
+        }
+        attacked = attack_view(model, **runtime)
+
+        # ---- failure-check probe (deterministic: PGD from x); its runs shared out
+        k = min(check_n, total)
+        x_probe, y_probe = ev.x[:k].to(device), ev.y[:k].to(device)
+        probe_part = probe_runs(
+            attacked, x_probe, y_probe, eps=eps_value, norm=norm, steps=probe_steps,
+            rank=dist.rank, world=dist.world_size,
+        )  # fmt: skip
 
         # ---- attacks
         samples: dict[str, np.ndarray] = {
@@ -462,13 +478,14 @@ def evaluate(
         entries: list[Entry] = []
         for name in names:
             entry, arrays = _run_named(
-                name, model, ev, settings, device=device, out=out_path, progress=progress,
+                name, attacked, ev, settings, device=device, out=out_path, progress=progress,
                 correct=correct, after_batch=after_batch, dist=dist,
                 cache=_cache_folder(hofmn_cache), model_sha256=record["model_sha256"],
             )  # fmt: skip
             entries.append(entry)
             samples.update(arrays)
-        probe = dist.broadcast_object(probe)
+        runs = {i: r for part in dist.all_gather_object(probe_part) for i, r in part.items()}
+        probe = merge_probe(runs, x_probe, eps=eps_value, norm=norm, n=k)
         flags = model_flags(np.concatenate(grad_norms), change) + probe_flags(probe)
 
     # ---- aggregate
@@ -512,6 +529,7 @@ def evaluate(
             **settings,
             "batch_size_choice": "auto" if auto_batch else "given",
             "processes": dist.world_size,
+            **runtime,
             "probe": {"eps": probe.eps, "robust_accuracy": probe.robust_accuracy},
         },
         versions=_versions(),
