@@ -6,9 +6,14 @@ For each model, in one run:
 (a) reference: ``AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=SEED)
     .run_standard_evaluation(x, y, batch_size=N)`` as pyautoattack's README shows; robust
     accuracy = the model's accuracy on the returned points;
-(b) advprune: ``evaluate(model, (x, y), eps=EPS, attacks="autoattack")``, one process (its
-    clean pass, failure-check probe and per-attack re-checks included);
-(c) advprune sharded: the same with ``devices=P`` (P processes; on a CPU one thread each).
+(b) advprune: ``evaluate(model, (x, y), eps=EPS, attacks="autoattack")``, one process, its
+    default settings (its clean pass, failure-check probe and per-attack re-checks included);
+(c) advprune sharded: the same with ``devices=P`` (P processes; on a CPU one thread each) and
+    the attacks' model in channels-last memory format (``channels_last=True``; the default on
+    CUDA), plus ``compile=True`` with ``--compile``.
+
+advprune's batch (default: the points over P, one batch per process) is the same in (b) and
+(c), so their per-sample results are the same; the reference runs all points in one batch.
 
 Models: the quickstart's dense and LWM-99 digits models (``make quickstart`` writes them to
 ``quickstart_out/``; missing ones are trained with the quickstart's recipe into ``--models``),
@@ -17,7 +22,7 @@ epochs on synthetic data) at 8/255. Wall time, points/s and robust accuracy; the
 fidelity (advprune within 0.3 pp of the reference, never higher by more) and speed (sharded
 advprune ≥ 2 × the reference's points/s).
 
-    python benchmarks/eval_throughput.py --n 32   # -> benchmarks/results/eval_throughput.md
+    python benchmarks/eval_throughput.py   # all 360 test points -> results/eval_throughput.md
 """
 
 from __future__ import annotations
@@ -54,11 +59,11 @@ def _digits_models(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def _digits_points(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _digits_points(n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     from advprune.data import load_dataset
 
     test = load_dataset("digits").test
-    n = min(n, len(test))
+    n = len(test) if n is None else min(n, len(test))
     return torch.stack([test[i][0] for i in range(n)]), torch.tensor(
         [int(test[i][1]) for i in range(n)]
     )
@@ -107,12 +112,14 @@ def _reference(model, x, y, eps: float, seed: int, device) -> tuple[float, float
     return seconds, acc
 
 
-def _advprune(model, x, y, eps: str, seed: int, batch: int, devices) -> tuple[float, float, str]:
+def _advprune(
+    model, x, y, eps: str, seed: int, batch: int, devices, fast: dict
+) -> tuple[float, float, str]:
     from advprune.evaluation import evaluate
 
     t0 = time.perf_counter()
     report = evaluate(model, (x, y), eps=eps, attacks="autoattack", batch_size=batch,
-                      seed=seed, devices=devices)  # fmt: skip
+                      seed=seed, devices=devices, **fast)  # fmt: skip
     seconds = time.perf_counter() - t0
     return (
         seconds,
@@ -123,8 +130,11 @@ def _advprune(model, x, y, eps: str, seed: int, batch: int, devices) -> tuple[fl
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=32, help="points per model (first N test points)")
-    p.add_argument("--batch", type=int, default=16, help="advprune's batch (the shard unit)")
+    p.add_argument("--n", type=int, default=None,
+                   help="points per model (the first N test points; default: all)")  # fmt: skip
+    p.add_argument("--batch", type=int, default=None,
+                   help="advprune's batch, the shard unit (default: N / processes)")  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="run (c) with compile=True too")
     p.add_argument("--processes", type=int, default=None,
                    help="sharded run's processes (default: GPUs, else CPU cores)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
@@ -151,29 +161,32 @@ def main(argv: list[str] | None = None) -> int:
             model, _ = load_checkpoint(path)
             cases.append((name, model.to(device).eval(), x, y, DIGITS_EPS))
     if cuda and args.only != "digits":
-        model, x, y = _cifar_model(device, args.n)
+        model, x, y = _cifar_model(device, args.n or 1000)
         cases.append(("ResNet-18 32×32 (synthetic)", model, x, y, CIFAR_EPS))
     if not cases:
         print("no model to run (the CIFAR-size ResNet-18 needs CUDA)", file=sys.stderr)
         return 2
 
     rows = []
+    fast = {"channels_last": True, "compile": args.compile}
+    fast_text = "channels-last" + (", compiled" if args.compile else "")
     for name, model, x, y, eps in cases:
         eps_value = float(Fraction(eps))
-        print(f"{name}: {x.shape[0]} points, eps {eps}", flush=True)
+        batch = args.batch or -(-x.shape[0] // procs)
+        print(f"{name}: {x.shape[0]} points, eps {eps}, advprune's batch {batch}", flush=True)
         runs = [
-            ("(a) pyautoattack run_standard_evaluation", None),
-            ("(b) advprune autoattack, 1 process", None),
-            (f"(c) advprune autoattack, {procs} processes", procs),
+            ("(a) pyautoattack run_standard_evaluation", None, {}),
+            ("(b) advprune autoattack, 1 process", None, {}),
+            (f"(c) advprune autoattack, {procs} processes, {fast_text}", procs, fast),
         ]
         ref_acc = ref_rate = None
-        for label, devices in runs:
+        for label, devices, options in runs:
             before = _load()
             if label.startswith("(a)"):
                 seconds, acc = _reference(model, x, y, eps_value, args.seed, device)
                 impl = "reference"
             else:
-                seconds, acc, impl = _advprune(model, x, y, eps, args.seed, args.batch, devices)
+                seconds, acc, impl = _advprune(model, x, y, eps, args.seed, batch, devices, options)
             rate = x.shape[0] / seconds
             if ref_acc is None:
                 ref_acc, ref_rate = acc, rate
@@ -181,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 "model": name, "run": label, "points": x.shape[0], "seconds": seconds,
                 "rate": rate, "robust": acc, "diff_pp": 100 * (acc - ref_acc),
                 "speedup": rate / ref_rate, "load": f"{before} -> {_load()}", "impl": impl,
+                "batch": batch,
             }  # fmt: skip
             rows.append(row)
             print(f"  {label}: {seconds:.1f} s, {rate:.3f} points/s, robust "
@@ -230,7 +244,10 @@ def _markdown(args, table: str, rows: list[dict], procs: int, device) -> str:
         [
             "# AutoAttack throughput: reference pyautoattack vs advprune",
             "",
-            f"Command: `python benchmarks/eval_throughput.py --n {args.n} --batch {args.batch}"
+            "Command: `python benchmarks/eval_throughput.py"
+            f"{' --n ' + str(args.n) if args.n else ''}"
+            f"{' --batch ' + str(args.batch) if args.batch else ''}"
+            f"{' --compile' if args.compile else ''}"
             f"{' --threads ' + str(args.threads) if args.threads else ''}"
             f"{' --only ' + args.only if args.only else ''}`",
             "",
@@ -238,8 +255,9 @@ def _markdown(args, table: str, rows: list[dict], procs: int, device) -> str:
             f" ({torch.get_num_threads()} threads in runs (a) and (b); {procs} processes of "
             f"{max(1, (os.cpu_count() or 1) // procs)} thread(s) in (c)), pyautoattack "
             f"{getattr(pyautoattack, '__version__', '?')}, advprune {__version__}. The first "
-            f"{args.n} test points of each model, seed {args.seed}; advprune's batch {args.batch} "
-            "(the unit a process runs). Wall times include advprune's clean pass, failure-check "
+            f"{rows[0]['points']} test points of each model, seed {args.seed}; advprune's batch "
+            f"{rows[0]['batch']} in (b) and (c) (the unit a process runs; the reference: all "
+            "points in one batch). Wall times include advprune's clean pass, failure-check "
             "probe and re-checks, and for (c) starting the processes. advprune ran "
             f"{', '.join(sorted({r['impl'] for r in rows if r['impl'] != 'reference'}))}'s "
             "attacks unmodified (one call per attack on the points still robust).",
