@@ -190,3 +190,17 @@ def test_bench_add_asks_for_what_the_card_cannot_tell(checkpoint, evaluated, tmp
     assert rc == 0, err
     assert out.startswith("key LWM_Han2015Learning_DCNN_DIGITS_US_50 (from the checkpoint "
                           "card: arch, dataset; given: method, structure, sparsity)")  # fmt: skip
+
+
+def test_kernel_flags_are_recorded_and_a_resume_may_change_them(evaluated):
+    """--channels-last / --compile change kernels, not the protocol: a rerun with them reuses
+    every finished batch, and the report records what ran."""
+    out = evaluated["out"]
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "batches").iterdir()}
+    first = json.loads((out / "report.json").read_text())["settings"]
+    assert first["channels_last"] is False and first["compile"] is False
+    rc, _, err = run([*evaluated["argv"], "--no-progress", "--channels-last"])
+    assert rc == 0, err
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "batches").iterdir()} == before
+    settings = json.loads((out / "report.json").read_text())["settings"]
+    assert settings["channels_last"] is True and settings["compile"] is False
