@@ -21,14 +21,16 @@ AutoAttack's per-sample outcomes on a digits model are the same either way.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from advprune.errors import ConfigError
 
-__all__ = ["AttackView", "attack_view", "use_channels_last"]
+__all__ = ["AttackView", "attack_view", "full_fp32", "use_channels_last"]
 
 
 def use_channels_last(setting: bool | None, device: torch.device) -> bool:
@@ -81,3 +83,26 @@ def attack_view(
     if not compile and not cl:
         return model
     return AttackView(model, compile=compile, channels_last=cl)
+
+
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """Float32 convolutions and matrix products in full precision (IEEE) inside the block,
+    the previous settings restored after it. PyTorch lets cuDNN run float32 convolutions in
+    TF32 (10-bit mantissa) on Ampere and later GPUs by default; an evaluation stays fp32."""
+    cudnn_conv = getattr(torch.backends.cudnn, "conv", None)
+    if cudnn_conv is not None and hasattr(cudnn_conv, "fp32_precision"):  # torch >= 2.9
+        matmul = torch.backends.cuda.matmul
+        before = (cudnn_conv.fp32_precision, matmul.fp32_precision)
+        cudnn_conv.fp32_precision, matmul.fp32_precision = "ieee", "ieee"
+        try:
+            yield
+        finally:
+            cudnn_conv.fp32_precision, matmul.fp32_precision = before
+        return
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old

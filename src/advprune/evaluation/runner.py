@@ -47,7 +47,7 @@ from advprune.evaluation.checks import (
     probe_runs,
 )
 from advprune.evaluation.curve import default_eps_grid, plot_security_curve, security_curve
-from advprune.evaluation.forward import attack_view, use_channels_last
+from advprune.evaluation.forward import attack_view, full_fp32, use_channels_last
 from advprune.evaluation.report import (
     REPORT_FILE,
     SAMPLES_FILE,
@@ -433,7 +433,8 @@ def evaluate(
     if out_path is not None:
         _check_same_run(out_path, record)
 
-    with model_mode_scope(model, "eval"):
+    # eval mode, and float32 kernels in full precision (no TF32 convolutions on a GPU)
+    with model_mode_scope(model, "eval"), full_fp32():
         # ---- clean pass: output shape, labels, gradients, determinism (before any attack)
         clean = []
         starts = list(range(0, total, batch_size))
@@ -530,6 +531,7 @@ def evaluate(
             "batch_size_choice": "auto" if auto_batch else "given",
             "processes": dist.world_size,
             **runtime,
+            "fp32_precision": "ieee",  # full_fp32: no TF32 kernels
             "probe": {"eps": probe.eps, "robust_accuracy": probe.robust_accuracy},
         },
         versions=_versions(),
