@@ -72,29 +72,13 @@ def _digits_points(n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
 def _cifar_model(
     device: torch.device, n: int
 ) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    """A ResNet-18 at 32×32 trained briefly on synthetic, learnable data (class = which of 10
-    fixed patterns was added to noise); its first ``n`` test points."""
-    from advprune.models import create
+    """A ResNet-18 at 32×32 trained 200 steps on synthetic, learnable data (protocol_gpu.py's
+    recipe); its first ``n`` test points."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from protocol_gpu import synthetic_resnet18
 
-    g = torch.Generator().manual_seed(0)
-    patterns = torch.rand(10, 3, 32, 32, generator=g)
-
-    def batch(k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        y = torch.randint(0, 10, (k,), generator=g)
-        x = (0.5 * torch.rand(k, 3, 32, 32, generator=g) + 0.5 * patterns[y]).clamp(0, 1)
-        return x, y
-
-    model = create("resnet18", num_classes=10).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    model.train()
-    for _ in range(200):
-        x, y = batch(256)
-        loss = torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    x, y = batch(n)
-    return model.eval(), x, y
+    model, (x, y), _ = synthetic_resnet18(device, 200, n, 0)
+    return model, x, y
 
 
 def _reference(model, x, y, eps: float, seed: int, device) -> tuple[float, float]:
