@@ -236,7 +236,7 @@ def probe_runs(
     world: int = 1,
 ) -> dict[int, dict[str, Any]]:
     """This process's share of :func:`run_probe`: task ``i`` of :func:`probe_tasks` where
-    ``i % world == rank``, each ``{"broken": count, "history": [...]}`` by task index.
+    ``i % world == rank``, each ``{"correct", "broken": counts, "history": [...]}`` by task.
     Every task runs the same code on all the probe points in whichever process, so the
     merged probe (:func:`merge_probe`) is the same for any number of processes."""
     with torch.no_grad():
@@ -246,12 +246,11 @@ def probe_runs(
     for i, (r, _) in enumerate(probe_tasks(x, eps, norm)):
         if i % world != rank:
             continue
-        if xs.shape[0] == 0:
-            out[i] = {"broken": 0, "history": []}
-            continue
-        broken, hist = _pgd_with_history(model, xs, ys, r, norm, steps)
-        out[i] = {"broken": int(broken.sum()), "history": hist.mean(1).tolist(),
-                  "correct": int(correct.sum())}  # fmt: skip
+        run = {"correct": xs.shape[0], "broken": 0, "history": []}
+        if xs.shape[0]:
+            broken, hist = _pgd_with_history(model, xs, ys, r, norm, steps)
+            run.update(broken=int(broken.sum()), history=hist.mean(1).tolist())
+        out[i] = run
     return out
 
 
@@ -264,7 +263,7 @@ def merge_probe(
     robust, history, box_success = [], [], 1.0
     for i, (r, history_only) in enumerate(tasks):
         run = runs[i]
-        correct = run.get("correct", 0)
+        correct = run["correct"]
         if r == eps:
             history = run["history"]
         if history_only:

@@ -7,12 +7,14 @@ gradient and determinism checks look at the model itself):
   AutoAttack's own checks, advprune's re-checks of every returned point) run through one
   ``torch.compile``'d graph (dynamic batch size, so the shrinking sets of points still
   robust do not recompile); forward passes that need gradients (APGD's and FAB's steps) stay
-  eager, exactly as before. On a CPU the compiled forward pass of the digits CNN takes about
-  half the eager one (``benchmarks/results/eval_throughput.md``); compiling costs seconds
-  once per process (inductor caches the code on disk for later runs).
+  eager, exactly as before. Compiling costs seconds once per process (inductor caches the
+  code on disk for later runs); on a 2-core CPU it bought no more than channels-last did and
+  cost more than it saved end to end (``benchmarks/results/forward_kernels.md`` and
+  ``eval_throughput.md``), so it is off by default.
 - ``channels_last`` (default on CUDA): 4-D inputs and a copy of the model's weights in
-  channels-last memory format (faster convolutions on tensor cores); the caller's model is
-  left as it was.
+  channels-last memory format (faster convolutions on tensor cores, and on a CPU about 1.75x
+  faster forward and 1.3x faster forward + gradient passes for the digits CNN); the caller's
+  model is left as it was.
 
 Neither changes what is computed, only the kernels that compute it, so logits differ from
 the eager model's by float rounding at most; ``tests/test_eval_forward.py`` checks that
