@@ -251,8 +251,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="compile the attacks' forward passes without gradients (Square's queries, "
-        "re-checks) with torch.compile: seconds to compile once per process, faster on long "
-        "runs; the same results up to float rounding",
+        "re-checks) with torch.compile: seconds to compile once per process (on a 2-core CPU "
+        "it cost more than it saved); the same results up to float rounding",
     )
     g.add_argument(
         "--channels-last",

@@ -354,7 +354,8 @@ def evaluate(
             ``$ADVPRUNE_CACHE/hofmn``, else ``~/.cache/advprune/hofmn``; ``False``: none.
         compile: run the attacks' forward passes without gradients (Square's queries, the
             re-checks) through ``torch.compile`` (see :mod:`advprune.evaluation.forward`);
-            compiling costs seconds once per process, so it pays on long runs.
+            compiling costs seconds once per process, and on a 2-core CPU it cost more than it
+            saved (``benchmarks/results/eval_throughput.md``): measure before relying on it.
         channels_last: attacks in channels-last memory format (``None``: on for CUDA).
             Both change kernels, not the protocol: they are recorded in the report and a
             resumed run may change them.
